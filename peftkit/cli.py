@@ -1,0 +1,111 @@
+"""Command line: a thin layer over the library. User mistakes: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _quiet():
+    # Library chatter (deprecations, optional-kernel notices) is not for the user's terminal.
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("bitsandbytes", "transformers", "accelerate", "datasets", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cmd_validate(args) -> int:
+    from . import recipe as R
+
+    failed = 0
+    for f in args.recipes:
+        try:
+            r = R.load(f, args.set)
+        except UserError as e:
+            print(f"FAIL {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"ok   {f}  ({r.task.kind} · {r.strategy.name} · {r.model.name})")
+        if args.print_config:
+            print(R.dump_yaml(r))
+    return 2 if failed else 0
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: directory is not writable")
+
+
+def cmd_train(args) -> int:
+    from . import recipe as R
+
+    r = R.load(args.recipe, args.overrides)
+    if args.print_config or args.dry_run:
+        print(R.dump_yaml(r), end="")
+        if args.dry_run:
+            return 0
+    out = Path(args.out or r.run_dir())
+    _check_out_dir(out, args.force)
+    from .build import build
+    from .trainer import Trainer
+
+    res = Trainer(build(r), out).fit()
+    m = res["metrics"]["eval"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.startswith("eval_"))
+    sps = res["speed"]["train_samples_per_s"]
+    print(f"[peftkit] done: {shown} on {res['metrics']['eval_split']} ({m['examples']} examples); "
+          f"{sps:.1f} samples/s; result: {out / 'result.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning, measured side by side.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train one recipe into a run directory")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 strategy.r=16")
+    t.add_argument("--out", help="run directory (default: output.dir of the recipe)")
+    t.add_argument("--force", action="store_true", help="write into a non-empty run directory")
+    t.add_argument("--print-config", action="store_true", help="print the resolved recipe first")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
+    t.set_defaults(fn=cmd_train)
+
+    v = sub.add_parser("validate", help="check recipes without loading weights")
+    v.add_argument("recipes", nargs="+")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
+    v.add_argument("--print-config", action="store_true", help="print each resolved recipe")
+    v.set_defaults(fn=cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"peftkit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("peftkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

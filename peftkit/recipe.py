@@ -1,0 +1,242 @@
+"""Typed, frozen recipes: YAML -> Recipe, dotted command-line overrides, strict errors.
+
+A recipe has five sections: ``model``, ``task`` (selected by ``task.kind``), ``strategy``
+(selected by ``strategy.name``), ``train`` and ``output``. Unknown keys are errors naming
+the full key path and the keys allowed there.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from . import strategies, tasks
+from .config import Section
+from .errors import RecipeError
+
+
+class ModelConfig(Section):
+    name: str = "builtin:minilm"  # builtin:NAME, a local directory, or a hub id
+    revision: str | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # storage dtype of the (non-quantized) weights
+    quantization: Literal["none", "4bit", "8bit"] | None = None  # None: what the strategy needs
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast for the forward/backward
+    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused"] = "adamw_foreach"
+    group_by_length: bool = True
+    eval_every: int | None = Field(None, ge=1)  # steps; None = only at the end
+    eval_split: Literal["validation", "test"] = "test"  # split reported in metrics.eval
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+    compile: bool = False
+    progress: bool = True
+
+
+class OutputConfig(Section):
+    dir: str = "runs/{task}-{strategy}"
+    save_weights: bool = True
+    tensorboard: bool = False
+
+
+def _union(configs: list[type], tag: str):
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[tuple(configs)], Field(discriminator=tag)]  # noqa: UP007
+
+
+StrategyUnion = _union([s.Config for s in strategies.REGISTRY.values()], "name")
+TaskUnion = _union([t.Config for t in tasks.REGISTRY.values()], "kind")
+
+
+class Recipe(Section):
+    name: str | None = None
+    model: ModelConfig = ModelConfig()
+    task: TaskUnion = Field(default_factory=lambda: tasks.REGISTRY["classification"].Config())  # type: ignore[valid-type]
+    strategy: StrategyUnion = Field(default_factory=lambda: strategies.REGISTRY["lora"].Config())  # type: ignore[valid-type]
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_defaults(cls, data: Any):
+        # qlora implies a 4-bit backbone unless the recipe says otherwise.
+        if isinstance(data, dict):
+            sname = (data.get("strategy") or {}).get("name", "lora")
+            scls = strategies.REGISTRY.get(sname)
+            model = dict(data.get("model") or {})
+            if model.get("quantization") is None:
+                model["quantization"] = getattr(scls, "default_quantization", "none")
+                data = {**data, "model": model}
+        return data
+
+    @model_validator(mode="after")
+    def _compatible(self):
+        problems = strategies.get(self.strategy).check(self) + tasks.REGISTRY[self.task.kind].check(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # -- identity -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Stable hash of the resolved recipe, without output settings (where it is written)."""
+        d = self.to_dict()
+        d.pop("output", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def run_dir(self) -> str:
+        return self.output.dir.format(task=self.task.kind, strategy=self.strategy.name, name=self.name or "run")
+
+
+# -- loading ------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{p}: cannot read recipe ({e.__class__.__name__}: {e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{p}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}': expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override '{text}': empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+# Keys that select a section's schema: changing them starts from that schema's fields.
+_SELECTORS = {("strategy", "name"): strategies.REGISTRY, ("task", "kind"): tasks.REGISTRY}
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        sel = _SELECTORS.get(tuple(parts))
+        if sel is not None and node.get(parts[-1]) != value and value in sel:
+            # Switching strategy/kind: keep only the keys the new schema knows.
+            allowed = sel[value].Config.model_fields
+            for k in [k for k in node if k not in allowed]:
+                del node[k]
+        node[parts[-1]] = value
+    return data
+
+
+def _path_and_model(loc: tuple) -> tuple[str, type | None]:
+    """Human key path from a pydantic error location (tags of unions removed)."""
+    cls: Any = Recipe
+    path: list[str] = []
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if cls is not None and isinstance(part, str) and part in getattr(cls, "model_fields", {}):
+            path.append(part)
+            field = cls.model_fields[part]
+            reg = {"strategy": strategies.REGISTRY, "task": tasks.REGISTRY}.get(part) if cls is Recipe else None
+            if reg is not None and i + 1 < len(loc) and loc[i + 1] in reg:
+                nxt = reg[loc[i + 1]].Config  # a discriminated union puts the tag in loc
+                i += 1
+            else:
+                ann = field.annotation
+                nxt = ann if isinstance(ann, type) and issubclass(ann, Section) else None
+            cls = nxt
+        else:
+            path.append(str(part))
+            cls = None if not isinstance(part, str) or cls is None else cls
+        i += 1
+    return ".".join(path), cls
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            path, _ = _path_and_model(loc)
+            _, parent = _path_and_model(loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent is not None else "?"
+            lines.append(f"unknown key '{path}' (allowed here: {allowed})")
+        elif e["type"] == "union_tag_invalid":
+            path, _ = _path_and_model(loc)
+            reg = strategies.REGISTRY if path.startswith("strategy") else tasks.REGISTRY
+            key = "strategy.name" if path.startswith("strategy") else "task.kind"
+            got = e.get("ctx", {}).get("tag")
+            lines.append(f"{key}: unknown value '{got}' (known: {', '.join(reg)})")
+        elif e["type"] == "value_error" and not loc:
+            lines.append(e["msg"].removeprefix("Value error, "))
+        else:
+            path, _ = _path_and_model(loc)
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{path or 'recipe'}: {e['msg']}{got_s}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def from_dict(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format(e, source)) from None
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return from_dict(data, str(path))
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,106 @@
+"""The strategy contract.
+
+A strategy takes a loaded model and returns it with exactly the intended parameters
+trainable. Strategies never look at tasks: the task head is handed over by module name
+(``head``) and always stays trainable.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..config import Section
+
+
+class StrategyConfig(Section):
+    name: str
+
+
+class Strategy:
+    """Base class. Subclasses set ``name``, ``Config`` and implement ``apply``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StrategyConfig]]
+    can_merge: ClassVar[bool] = False
+    # Whether the backbone must be quantized (qlora) or must not be (full, freeze, bitfit).
+    needs_quantized: ClassVar[bool | None] = None
+
+    def __init__(self, cfg: StrategyConfig):
+        self.cfg = cfg
+
+    # -- validation -----------------------------------------------------------------------
+    def check(self, recipe) -> list[str]:
+        """Problems with this strategy in this recipe, found before any weight is loaded."""
+        problems = []
+        quant = recipe.model.quantization != "none"
+        if self.needs_quantized is True and not quant:
+            problems.append(f"strategy '{self.name}' needs model.quantization: 4bit or 8bit")
+        if self.needs_quantized is False and quant:
+            problems.append(
+                f"strategy '{self.name}' trains base weights and cannot run on a quantized "
+                f"backbone (model.quantization={recipe.model.quantization}); use lora or qlora"
+            )
+        return problems
+
+    # -- the contract ---------------------------------------------------------------------
+    def apply(self, model: nn.Module, head: list[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the strategy into the base weights; returns a plain transformers model."""
+        if not self.can_merge:
+            raise NotImplementedError(f"strategy '{self.name}' cannot be merged into base weights")
+        return model
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The transformers model underneath any wrapper (peft)."""
+        return model
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Only the strategy's own weights: every trainable parameter (head included)."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
+        unknown = [n for n in sd if n not in params]
+        if missing or unknown:
+            raise ValueError(f"strategy weights do not fit the model: missing {missing[:3]}, unknown {unknown[:3]}")
+        with torch.no_grad():
+            for n, t in sd.items():
+                params[n].copy_(t)
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze(model: nn.Module, names: list[str]) -> None:
+    """Make the named submodules (the task head) trainable."""
+    for name in names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) counting each distinct tensor once; 4-bit storage counted as elements."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        # bitsandbytes Params4bit pack two 4-bit values per uint8 element.
+        if getattr(p, "quant_state", None) is not None:
+            n = int(torch.Size(p.quant_state.shape).numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+Precision = Literal["fp32", "bf16", "fp16"]

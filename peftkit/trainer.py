@@ -1,0 +1,278 @@
+"""The one training loop, for every strategy and task, on accelerate.
+
+Same seed, same data order, same step budget and the same evaluation for every strategy:
+that is what makes the numbers of a comparison comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import measure
+from .build import Built
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_text, save_safetensors
+from .strategies import count_params
+
+SCHEMA = "peftkit.result/1"
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar length: less padding, same randomness for every strategy.
+
+    Indices are shuffled, cut into mega-batches of ``mega * batch_size``, each sorted by
+    length and cut into batches; batch order is shuffled again.
+    """
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    size = mega * batch_size
+    batches = []
+    for i in range(0, len(idx), size):
+        chunk = sorted(idx[i : i + size], key=lambda j: -lengths[j])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return [idx[k : k + batch_size] for k in range(0, n, batch_size)]
+
+
+def make_optimizer(model, tc):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"foreach": True} if tc.optimizer == "adamw_foreach" else {"fused": True} if tc.optimizer == "adamw_fused" else {"foreach": False}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **kw)
+
+
+class Trainer:
+    def __init__(self, built: Built, run_dir: str | Path):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.b = built
+        self.tc = built.recipe.train
+        self.run_dir = Path(run_dir)
+        if self.tc.precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
+        self.acc = Accelerator(
+            mixed_precision="no" if self.tc.precision == "fp32" else self.tc.precision,
+            gradient_accumulation_steps=self.tc.grad_accum,
+        )
+        set_seed(self.tc.seed)
+        self.log_f = None
+
+    # -- data -----------------------------------------------------------------------------
+    def _loader(self, ds, batches):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(ds, batch_sampler=batches, collate_fn=self.b.task.collate, num_workers=self.tc.num_workers,
+                          persistent_workers=self.tc.num_workers > 0)
+
+    def train_batches(self, ds, epoch: int) -> list[list[int]]:
+        seed = self.tc.seed * 1000 + epoch
+        if self.tc.group_by_length:
+            return length_grouped_batches(ds["length"], self.tc.batch_size, seed)
+        return shuffled_batches(len(ds), self.tc.batch_size, seed)
+
+    def eval_batches(self, ds) -> list[list[int]]:
+        # Sorted by length: eval order does not change metrics, and padding costs time.
+        order = sorted(range(len(ds)), key=lambda i: ds["length"][i])
+        bs = self.tc.batch_size * 2
+        return [order[k : k + bs] for k in range(0, len(order), bs)]
+
+    # -- logging --------------------------------------------------------------------------
+    def log(self, **rec):
+        if self.acc.is_main_process and self.log_f is not None:
+            self.log_f.write(json.dumps(rec) + "\n")
+            self.log_f.flush()
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self, model, ds) -> dict:
+        loader = self.acc.prepare(self._loader(ds, self.eval_batches(ds)))
+        model.eval()
+        preds, refs = [], []
+        t0 = time.perf_counter()
+        with torch.no_grad(), self.acc.autocast():
+            for batch in loader:
+                p, r = self.b.task.eval_step(model, batch)
+                preds += p
+                refs += r
+        preds = self.acc.gather_for_metrics(preds, use_gather_object=True)
+        refs = self.acc.gather_for_metrics(refs, use_gather_object=True)
+        dt = time.perf_counter() - t0
+        model.train()
+        m = self.b.task.metrics(preds, refs)
+        m["examples"] = len(refs)
+        m["eval_s"] = dt
+        m["eval_samples_per_s"] = len(refs) / dt if dt else None
+        return m
+
+    # -- training -------------------------------------------------------------------------
+    def fit(self) -> dict:
+        b, tc = self.b, self.tc
+        t_start = time.perf_counter()
+        data = b.task.datasets()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+        train = data["train"]
+        steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
+        total = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+        model = b.model
+        opt = make_optimizer(model, tc)
+        from transformers import get_scheduler
+
+        sched = get_scheduler(tc.scheduler, opt, num_warmup_steps=int(tc.warmup_ratio * total), num_training_steps=total)
+        model, opt, sched = self.acc.prepare(model, opt, sched)
+        if tc.compile:
+            model = torch.compile(model)
+        trainable, total_params = count_params(model)
+        self.acc.print(f"[peftkit] {b.strategy.name}: trainable {trainable:,} / {total_params:,} params "
+                       f"({100 * trainable / total_params:.2f}%)")
+
+        timer = measure.StepTimer(warmup=min(3, max(0, total // 5)))
+        measure.cuda_reset()
+        losses: list[float] = []
+        history = []
+        step, epoch, t_train = 0, 0, time.perf_counter()
+        model.train()
+        progress = _progress(total, enabled=tc.progress and self.acc.is_main_process)
+        with measure.PeakRSS() as rss, progress as bar:
+            while step < total:
+                loader = self.acc.prepare(self._loader(train, self.train_batches(train, epoch)))
+                it = iter(loader)
+                while step < total:
+                    micro = []
+                    for _ in range(tc.grad_accum):
+                        try:
+                            micro.append(next(it))
+                        except StopIteration:
+                            break
+                    if not micro:
+                        break
+                    n_samples = sum(len(x["labels"]) for x in micro)
+                    n_tokens = sum(int(x["attention_mask"].sum()) for x in micro)
+                    with timer.step(n_samples, n_tokens):
+                        loss_sum = 0.0
+                        for batch in micro:
+                            with self.acc.accumulate(model):
+                                loss = model(**batch).loss
+                                self.acc.backward(loss)
+                                loss_sum += loss.detach().float().item()
+                                if self.acc.sync_gradients and tc.max_grad_norm:
+                                    self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                                opt.step()
+                                sched.step()
+                                opt.zero_grad(set_to_none=True)
+                    step += 1
+                    losses.append(loss_sum / len(micro))
+                    if step % tc.log_every == 0 or step == total:
+                        window = losses[-tc.log_every:]
+                        self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0])
+                    bar.update(step, losses[-1], timer)
+                    if tc.eval_every and step % tc.eval_every == 0 and step < total:
+                        m = self.evaluate(model, data["validation"])
+                        history.append({"step": step, **m})
+                        self.log(step=step, eval=m)
+                epoch += 1
+        train_s = time.perf_counter() - t_train
+        final = self.evaluate(model, data[tc.eval_split])
+        self.log(step=step, eval_final=final)
+        model = self.acc.unwrap_model(model)
+        result = self._result(model, trainable, total_params, timer, rss, losses, final, history, train_s,
+                              time.perf_counter() - t_start, len(train), step, epoch)
+        if self.acc.is_main_process:
+            self._save(model, result)
+            self.log_f.close()
+        self.acc.wait_for_everyone()
+        self.model = model
+        return result
+
+    def _result(self, model, trainable, total_params, timer, rss, losses, final, history, train_s, wall_s,
+                n_train, steps, epochs) -> dict:
+        b = self.b
+        tail = losses[-max(1, min(len(losses), self.tc.log_every)):]
+        measured = {"method": "cuda" if torch.cuda.is_available() else "cpu_rss",
+                    "rss_baseline_bytes": rss.baseline, "rss_peak_bytes": rss.peak,
+                    "peak_bytes": rss.peak - rss.baseline, **measure.cuda_peaks()}
+        if torch.cuda.is_available():
+            measured["peak_bytes"] = measured["max_allocated_bytes"]
+        return {
+            "schema": SCHEMA,
+            "run": {
+                "name": b.recipe.name,
+                "strategy": b.strategy.name,
+                "task": b.recipe.task.kind,
+                "model": b.backbone_info,
+                "seed": self.tc.seed,
+                "recipe_hash": b.recipe.hash(),
+                "recipe": b.recipe.to_dict(),
+                "world_size": self.acc.num_processes,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            "task": b.task.info(),
+            "params": {"total": total_params, "trainable": trainable,
+                       "trainable_pct": 100.0 * trainable / total_params, "can_merge": b.strategy.can_merge},
+            "memory": {"measured": measured},
+            "speed": {**timer.summary(), "wall_s": wall_s, "load_s": b.load_s, "train_s": train_s,
+                      "eval_s": final.get("eval_s"), "eval_samples_per_s": final.get("eval_samples_per_s"),
+                      "steps": steps, "epochs_started": epochs, "train_examples": n_train},
+            "metrics": {"eval": final, "eval_split": self.tc.eval_split, "history": history,
+                        "train_loss": sum(tail) / len(tail) if tail else None},
+            "artifact": {},
+            "env": measure.environment(),
+        }
+
+    def _save(self, model, result):
+        from .recipe import dump_yaml
+
+        d = self.run_dir
+        atomic_write_text(d / "recipe.yaml", dump_yaml(self.b.recipe))
+        if self.b.recipe.output.save_weights:
+            sd = self.b.strategy.state_dict(model)
+            save_safetensors(d / "strategy.safetensors", sd)
+            result["artifact"] = {"strategy_weights": "strategy.safetensors",
+                                  "strategy_bytes": (d / "strategy.safetensors").stat().st_size,
+                                  "tensors": len(sd)}
+        atomic_write_json(d / "result.json", result)
+
+
+class _progress:
+    """A rich progress bar with loss and throughput (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                              TextColumn("{task.fields[info]}"), transient=False)
+            self.p.__enter__()
+            self.t = self.p.add_task("train", total=self.total, info="")
+        return self
+
+    def update(self, step, loss, timer):
+        if self.enabled:
+            s = timer.summary()
+            sps = s["train_samples_per_s"]
+            info = f"loss {loss:.4f}" + (f" · {sps:.1f} samples/s" if sps else "")
+            self.p.update(self.t, completed=step, info=info)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
