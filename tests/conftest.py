@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random-weight models built in-process (no downloads), small data."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PEFTKIT_CACHE", str(Path.home() / ".cache" / "peftkit"))
+
+
+def minilm_dir() -> Path:
+    from peftkit.assets import locate
+
+    return locate("builtin:minilm").parent
+
+
+def _tokenizer(kind: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    if kind != "bert":
+        # Decoders need eos/bos; the BERT word-piece vocabulary is fine for tiny tests.
+        tok.eos_token, tok.bos_token = "[SEP]", "[CLS]"
+    return tok
+
+
+TINY = {
+    "bert": lambda: __import__("transformers").BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128),
+    "llama": lambda: __import__("transformers").LlamaConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+        tie_word_embeddings=True),
+    "gpt2": lambda: __import__("transformers").GPT2Config(
+        vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0,
+        bos_token_id=101, eos_token_id=102),
+}
+
+
+def build_tiny(kind: str, dest: Path) -> Path:
+    """A tiny random model of an architecture, saved as a from_pretrained directory."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = TINY[kind]()
+    model = AutoModel.from_config(cfg) if kind == "bert" else AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(dest)
+    _tokenizer(kind).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {k: build_tiny(k, root / k) for k in TINY}
+
+
+POS = ["good", "great", "wonderful", "fine", "excellent", "moving", "brilliant", "fun"]
+NEG = ["bad", "awful", "boring", "dull", "terrible", "weak", "poor", "tedious"]
+FILL = ["the", "movie", "film", "was", "a", "plot", "really", "and", "story", "acting"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """Synthetic, learnable sentiment rows (label depends on the words)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.random() < 0.5
+        words = rng.sample(FILL, 4) + rng.sample(POS if y else NEG, 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": "pos" if y else "neg"})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sentiment")
+    write_csv(d / "train.csv", sentiment_rows(96, 0))
+    write_csv(d / "validation.csv", sentiment_rows(32, 1))
+    write_csv(d / "test.csv", sentiment_rows(32, 2))
+    return d
+
+
+def tiny_recipe(model_dir: Path, data_dir: Path, strategy: str = "lora", **train) -> dict:
+    """A recipe dict for a tiny model on the synthetic sentiment files (seconds to run)."""
+    return {
+        "name": "tiny",
+        "model": {"name": str(model_dir)},
+        "task": {"kind": "classification", "max_length": 32,
+                 "data": {"dir": str(data_dir), "train": "train.csv", "validation": "validation.csv", "test": "test.csv"}},
+        "strategy": {"name": strategy},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "progress": False, "precision": "fp32", **train},
+    }
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m peftkit ARGS`` in a fresh process, with this checkout first on the path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=timeout)
