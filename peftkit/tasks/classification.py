@@ -90,9 +90,12 @@ class Classification(Task):
                 ids.append(label2id[str(v)])
             texts = [("" if t is None else str(t)) for t in ds[c.text_column]]
             pairs = [("" if t is None else str(t)) for t in ds[c.text_pair_column]] if c.text_pair_column else None
-            full = self.tokenizer(texts, pairs, truncation=False)["input_ids"]
             enc = self.tokenizer(texts, pairs, truncation=True, max_length=c.max_length)
-            self.truncated += sum(len(f) > c.max_length for f in full)
+            # Only rows cut to exactly max_length can have been truncated: re-tokenize just those.
+            cut = [i for i, x in enumerate(enc["input_ids"]) if len(x) == c.max_length]
+            if cut:
+                full = self.tokenizer([texts[i] for i in cut], [pairs[i] for i in cut] if pairs else None)["input_ids"]
+                self.truncated += sum(len(f) > c.max_length for f in full)
             enc["labels"] = ids
             enc["length"] = [len(x) for x in enc["input_ids"]]
             import datasets

@@ -1,0 +1,314 @@
+"""peftkit vs Hugging Face ``transformers.Trainer`` + ``peft``: throughput, memory, accuracy.
+
+Same model (builtin MiniLM), same SST-2 subset, same strategy, batch size, max length, lr,
+schedule and step count. Two settings:
+
+* ``identical``: both tools with the same precision (bf16 autocast), dynamic padding,
+  length-grouped batches and fused AdamW.
+* ``defaults``: each tool's recommended defaults. HF: ``run_glue.py`` style (pad to
+  max_length, fp32, random batches, its default optimizer); peftkit: its recipe defaults
+  (bf16 autocast, dynamic padding, length-grouped batches, its default optimizer (fused AdamW), OpenMP passive wait policy). Accuracy on
+  SST-2 test.tsv after a fixed number of steps is measured for this setting.
+
+Every run is a fresh subprocess; tools alternate within each repetition. Throughput is
+timed identically for both (``common.StepClock``: optimizer-step timestamps, real tokens
+from the attention mask); memory is the peak RSS above the RSS just before training starts
+(``peftkit.measure.PeakRSS``, same sampler for both).
+
+    python benchmarks/vs_hf_trainer.py                  # full run, writes benchmarks/results/
+    python benchmarks/vs_hf_trainer.py --smoke          # seconds, tiny model, nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+LORA = dict(r=8, alpha=16.0, targets=["query", "key", "value", "output.dense", "intermediate.dense"])
+
+
+# -- workers (one training run each, in a fresh process) ---------------------------------------
+def _policy(spec: dict, tool: str) -> dict:
+    """precision / padding / batch order / optimizer of this tool in this setting."""
+    if spec["setting"] == "identical":
+        return {"precision": spec.get("precision", "bf16"), "pad_to_max": False, "group_by_length": True,
+                "optimizer": "adamw_fused"}
+    if tool == "hf":  # run_glue.py defaults on a CPU: pad_to_max_length, fp32, RandomSampler
+        return {"precision": "fp32", "pad_to_max": True, "group_by_length": False, "optimizer": "hf_default"}
+    return {"precision": "bf16", "pad_to_max": False, "group_by_length": True, "optimizer": None}
+
+
+def worker_peftkit(spec: dict) -> dict:
+    from peftkit import measure
+    from peftkit import recipe as R
+    from peftkit.build import build
+    from peftkit.trainer import Trainer
+
+    pol = _policy(spec, "peftkit")
+    strategy = {"name": spec["strategy"]}
+    if spec["strategy"] == "lora":
+        strategy.update(r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["targets"])
+    rec = R.from_dict({
+        "name": "bench",
+        "model": {"name": spec["model"]},
+        "task": {"kind": "classification", "max_length": spec["max_length"], "text_column": "sentence",
+                 "label_column": "label",
+                 "data": common.sst2_data_section(spec["n_train"], None if spec["eval"] else 32, Path(spec["data"]))},
+        "strategy": strategy,
+        "train": {"seed": spec["seed"], "max_steps": spec["steps"], "batch_size": spec["batch"], "lr": spec["lr"],
+                  "warmup_ratio": spec["warmup_ratio"], "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "precision": pol["precision"], **({"optimizer": pol["optimizer"]} if pol["optimizer"] else {}),
+                  "group_by_length": pol["group_by_length"], "progress": False, "log_every": 10},
+        "output": {"save_weights": False},
+    })
+    built = build(rec)
+    import rich.progress  # noqa: F401  imported lazily by fit(): outside the measured window, as HF's are
+    import sklearn.metrics  # noqa: F401
+
+    data = built.task.datasets()  # tokenized once, before the measured window (as for HF)
+    built.task.datasets = lambda: data
+    with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(built, d)
+        clock = common.StepClock(built.model)
+        with measure.PeakRSS() as rss:
+            res = trainer.fit()
+        clock.close()
+    out = {"speed": clock.summary(spec["warmup"]), "peak_rss_delta_bytes": rss.peak - rss.baseline,
+           "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(),
+           "policy": pol, "trainer_speed": res["speed"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "optimizer": rec.train.optimizer}
+    if spec["eval"]:
+        out["accuracy"] = res["metrics"]["eval"]["accuracy"]
+        out["eval_examples"] = res["metrics"]["eval"]["examples"]
+    return out
+
+
+def worker_hf(spec: dict) -> dict:
+    import numpy as np
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments, default_data_collator, set_seed)
+
+    from peftkit import measure
+    from peftkit.backbone import resolve
+
+    pol = _policy(spec, "hf")
+    path = resolve(spec["model"])
+    set_seed(spec["seed"])
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
+    if spec["strategy"] == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["targets"],
+            modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    splits = common.sst2_hf_splits(spec["n_train"], None, Path(spec["data"]))
+    pad = "max_length" if pol["pad_to_max"] else False
+
+    def enc(b):
+        out = tok(b["sentence"], truncation=True, max_length=spec["max_length"], padding=pad)
+        out["length"] = [len(x) for x in out["input_ids"]]
+        return out
+
+    train = splits["train"].map(enc, batched=True, remove_columns=["sentence"])
+    test = splits["test"].map(enc, batched=True, remove_columns=["sentence"])
+    kw = {} if pol["optimizer"] == "hf_default" else {"optim": "adamw_torch_fused"}
+    with tempfile.TemporaryDirectory() as d:
+        args = TrainingArguments(
+            output_dir=d, per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=2 * spec["batch"],
+            learning_rate=spec["lr"], max_steps=spec["steps"], warmup_steps=spec["warmup_ratio"],
+            lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, bf16=pol["precision"] == "bf16",
+            use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to="none", logging_steps=10,
+            disable_tqdm=True, seed=spec["seed"], dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length" if pol["group_by_length"] else "random", **kw)
+        collator = default_data_collator if pol["pad_to_max"] else DataCollatorWithPadding(tok)
+        trainer = Trainer(model=model, args=args, train_dataset=train.remove_columns([]), data_collator=collator,
+                          processing_class=tok)
+        clock = common.StepClock(model)
+        with measure.PeakRSS() as rss:
+            trainer.train()
+        clock.close()
+        out = {"speed": clock.summary(spec["warmup"]), "peak_rss_delta_bytes": rss.peak - rss.baseline,
+               "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(), "policy": pol,
+               "hf_optim": str(args.optim), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        if spec["eval"]:
+            pred = trainer.predict(test.remove_columns(["length"]))
+            out["accuracy"] = float((np.argmax(pred.predictions, -1) == np.array(test["label"])).mean())
+            out["eval_examples"] = len(test)
+    return out
+
+
+# -- the parent: alternate, repeat, aggregate ----------------------------------------------------
+def _env(spec: dict) -> dict:
+    """identical: the same OpenMP wait policy as peftkit's default (passive) for both tools;
+    defaults: HF as shipped (OpenMP's default), peftkit sets its own on import."""
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if spec["setting"] == "identical" else {}
+
+
+def run(args) -> dict:
+    script = Path(__file__).resolve()
+    base = dict(model=args.model, data=str(args.data), n_train=args.n_train, batch=args.batch,
+                max_length=args.max_length, warmup_ratio=0.06, seed=0)
+    lrs = {"full": args.lr_full, "lora": args.lr_lora}
+    runs = []
+    for setting in args.settings:
+        for strategy in args.strategies:
+            for rep in range(args.reps):
+                tools = ("peftkit", "hf") if rep % 2 == 0 else ("hf", "peftkit")  # alternate who goes first
+                for tool in tools:
+                    spec = {**base, "tool": tool, "setting": setting, "strategy": strategy, "lr": lrs[strategy],
+                            "steps": args.steps, "warmup": args.warmup, "eval": False}
+                    r = common.run_worker(script, spec, env=_env(spec))
+                    runs.append({"spec": spec, "rep": rep, **r})
+                    print(f"{setting:9s} {strategy:5s} rep {rep} {tool:7s}: {r['speed']['samples_per_s']:7.1f} samples/s "
+                          f"{r['speed']['tokens_per_s']:8.0f} tok/s  peak +{r['peak_rss_delta_bytes'] / 2**20:6.0f} MiB "
+                          f"(load {r['loadavg_after'][0]:.2f})", flush=True)
+    acc = []
+    if args.acc_steps:
+        for strategy in args.strategies:
+            for tool in ("peftkit", "hf"):
+                spec = {**base, "tool": tool, "setting": "defaults", "strategy": strategy, "lr": lrs[strategy],
+                        "steps": args.acc_steps, "warmup": args.warmup, "eval": True,
+                        "n_train": max(args.n_train, args.acc_steps * args.batch)}
+                r = common.run_worker(script, spec, env=_env(spec))
+                acc.append({"spec": spec, **r})
+                print(f"accuracy  {strategy:5s} {tool:7s}: {r['accuracy']:.4f} after {args.acc_steps} steps "
+                      f"({r['speed']['samples_per_s']:.1f} samples/s)", flush=True)
+    return {"schema": "peftkit.bench.vs_hf/1", "args": {k: str(v) if isinstance(v, Path) else v
+                                                          for k, v in vars(args).items()},
+            "runs": runs, "accuracy_runs": acc, "summary": summarize(runs, acc)}
+
+
+def summarize(runs: list[dict], acc: list[dict]) -> dict:
+    """Per (setting, strategy): ratios peftkit/HF paired by repetition, median and spread."""
+    out: dict = {}
+    keys = sorted({(r["spec"]["setting"], r["spec"]["strategy"]) for r in runs})
+    for setting, strategy in keys:
+        by = {(r["rep"], r["spec"]["tool"]): r for r in runs
+              if r["spec"]["setting"] == setting and r["spec"]["strategy"] == strategy}
+        reps = sorted({rep for rep, _ in by})
+        pairs = [(by[(k, "peftkit")], by[(k, "hf")]) for k in reps if (k, "peftkit") in by and (k, "hf") in by]
+        row = {}
+        for name, get in (("samples_per_s", lambda r: r["speed"]["samples_per_s"]),
+                          ("tokens_per_s", lambda r: r["speed"]["tokens_per_s"]),
+                          ("peak_rss_delta_bytes", lambda r: r["peak_rss_delta_bytes"]),
+                          ("process_peak_rss_bytes", lambda r: r["process_peak_rss_bytes"])):
+            row[name] = {"peftkit": common.spread([get(p) for p, _ in pairs]),
+                         "hf": common.spread([get(h) for _, h in pairs]),
+                         "ratio": common.spread([get(p) / get(h) if get(h) else None for p, h in pairs])}
+        row["padding_frac"] = {"peftkit": common.spread([p["speed"]["padding_frac"] for p, _ in pairs]),
+                               "hf": common.spread([h["speed"]["padding_frac"] for _, h in pairs])}
+        out[f"{setting}/{strategy}"] = row
+    for a in acc:
+        key = f"defaults/{a['spec']['strategy']}"
+        out.setdefault(key, {}).setdefault("accuracy", {})[a["spec"]["tool"]] = a["accuracy"]
+        out[key]["accuracy"]["steps"] = a["spec"]["steps"]
+    return out
+
+
+TARGETS = {"identical": 1.1, "defaults": 2.0}
+
+
+def markdown(data: dict, env: dict) -> str:
+    a = data["args"]
+    lines = ["# peftkit vs HF Trainer + peft (MiniLM, SST-2)", "",
+             f"Builtin MiniLM (all-MiniLM-L6-v2) on a fixed {a['n_train']}-sentence subset of SST-2 train, batch "
+             f"{a['batch']}, max length {a['max_length']}, {a['steps']} steps per run ({a['warmup']} warm-up steps "
+             f"excluded), {a['reps']} repetitions, tools alternating, each run in a fresh process. Ratios are "
+             "peftkit / HF per repetition: median [min – max]. Memory: peak RSS above the RSS just before training "
+             "(sampled every 5 ms, same sampler for both).", "",
+             "| setting | strategy | samples/s peftkit | samples/s HF | ratio samples/s | ratio tokens/s | "
+             "peak MiB peftkit | peak MiB HF | ratio peak mem | padding peftkit / HF | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, row in data["summary"].items():
+        if "samples_per_s" not in row:
+            continue
+        setting, strategy = key.split("/")
+        s, t, m = row["samples_per_s"], row["tokens_per_s"], row["peak_rss_delta_bytes"]
+        r = s["ratio"]
+        tgt = TARGETS[setting]
+        met = "met" if r["median"] and r["median"] >= tgt and m["ratio"]["median"] <= 1.0 else "missed"
+        lines.append(
+            f"| {setting} | {strategy} | {common.fmt(s['peftkit']['median'])} | {common.fmt(s['hf']['median'])} | "
+            f"{common.fmt(r['median'], 2)}× [{common.fmt(r['min'], 2)} – {common.fmt(r['max'], 2)}] | "
+            f"{common.fmt(t['ratio']['median'], 2)}× | {common.fmt(m['peftkit']['median'] / 2**20, 0)} | "
+            f"{common.fmt(m['hf']['median'] / 2**20, 0)} | {common.fmt(m['ratio']['median'], 2)} | "
+            f"{100 * row['padding_frac']['peftkit']['median']:.0f}% / {100 * row['padding_frac']['hf']['median']:.0f}% | "
+            f"≥{tgt}× samples/s, ≤1× mem: {met} |")
+    accs = {k: v["accuracy"] for k, v in data["summary"].items() if "accuracy" in v}
+    if accs:
+        lines += ["", "Accuracy on SST-2 test.tsv (872 sentences), recommended defaults, same steps/lr/batch:", "",
+                  "| strategy | steps | peftkit | HF Trainer + peft |", "|---|---|---|---|"]
+        for key, v in accs.items():
+            lines.append(f"| {key.split('/')[1]} | {v.get('steps')} | {common.fmt(100 * v['peftkit'], 2)}% | "
+                         f"{common.fmt(100 * v['hf'], 2)}% |")
+    lines += ["", "Policies: identical = bf16 autocast, dynamic padding, length-grouped batches, fused AdamW and "
+              "OMP_WAIT_POLICY=PASSIVE for both; defaults = HF `run_glue.py` style (fp32, pad to max_length, random "
+              "batches, `adamw_torch_fused`, OpenMP's default wait policy) vs peftkit recipe defaults (bf16 autocast, "
+              "dynamic padding, length-grouped batches, fused AdamW, passive OpenMP wait policy set by "
+              "`import peftkit`).", "", "## Environment", "", *common.env_lines(env),
+              f"- load average at end: {', '.join(f'{x:.2f}' for x in data['loadavg_end'])}; wall "
+              f"{data['wall_s'] / 60:.1f} min", ""]
+    return "\n".join(lines)
+
+
+def smoke_args(args):
+    model, data = common.tiny_setup()
+    args.model, args.data = str(model), data
+    args.n_train, args.steps, args.warmup, args.reps, args.acc_steps = 64, 4, 1, 1, 2
+    args.settings, args.strategies = ["defaults"], ["lora"]
+    args.max_length, args.batch = 32, 8
+    return args
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="builtin:minilm")
+    p.add_argument("--data", type=Path, default=common.SST2)
+    p.add_argument("--strategies", nargs="+", default=["full", "lora"])
+    p.add_argument("--settings", nargs="+", default=["identical", "defaults"], choices=["identical", "defaults"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=2048, help="fixed seeded subset of train.tsv used for timing")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="steps excluded from timing")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr-full", type=float, default=5e-5)
+    p.add_argument("--lr-lora", type=float, default=5e-4)
+    p.add_argument("--acc-steps", type=int, default=300, help="steps of the accuracy runs (0 = none)")
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps, nothing written")
+    args = p.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        if spec["tool"] == "peftkit":
+            import peftkit  # noqa: F401  first, as in a user's program: it sets its threading defaults
+        common.quiet()
+        common.emit((worker_peftkit if spec["tool"] == "peftkit" else worker_hf)(spec))
+        return 0
+    if args.smoke:
+        args = smoke_args(args)
+    env = common.environment()
+    t0 = time.time()
+    data = run(args)
+    data["env"], data["wall_s"], data["loadavg_end"] = env, time.time() - t0, os.getloadavg()
+    md = markdown(data, env)
+    print(md)
+    if not args.smoke:
+        j, m = common.write_results("vs_hf_trainer", data, md, args.out)
+        print(f"wrote {j} and {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
