@@ -84,12 +84,13 @@ class Trainer:
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
         seed = self.tc.seed * 1000 + epoch
         if self.tc.group_by_length:
-            return length_grouped_batches(ds["length"], self.tc.batch_size, seed)
+            return length_grouped_batches(list(ds["length"]), self.tc.batch_size, seed)
         return shuffled_batches(len(ds), self.tc.batch_size, seed)
 
     def eval_batches(self, ds) -> list[list[int]]:
         # Sorted by length: eval order does not change metrics, and padding costs time.
-        order = sorted(range(len(ds)), key=lambda i: ds["length"][i])
+        lengths = list(ds["length"])
+        order = sorted(range(len(ds)), key=lengths.__getitem__)
         bs = self.tc.batch_size * 2
         return [order[k : k + bs] for k in range(0, len(order), bs)]
 
