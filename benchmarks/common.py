@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # this checkout's peftkit, not an installed one
+    sys.path.insert(0, str(ROOT))
 
 
 def _sst2_dir() -> Path:

@@ -38,6 +38,7 @@ def worker_peak(spec: dict) -> dict:
 
 
 def worker_train(spec: dict) -> dict:
+    import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import flops
@@ -63,15 +64,38 @@ def worker_train(spec: dict) -> dict:
         clock = common.StepClock(built.model)
         counter = flops.FlopCounter(built.model)
         per_step: list[float] = []
-        h = register_optimizer_step_post_hook(lambda *a: per_step.append(counter.take()))
+        lens: list[list[int]] = []  # real lengths of each step's sequences, for measure's formula
+        cur: list[int] = []
+
+        def pre(mod, args, kwargs):
+            m = kwargs.get("attention_mask")
+            if mod.training and torch.is_grad_enabled() and m is not None:
+                cur.extend(m.sum(1).tolist())
+
+        def post(*a):
+            per_step.append(counter.take())
+            lens.append(cur[:])
+            cur.clear()
+
+        h = register_optimizer_step_post_hook(post)
+        h2 = built.model.register_forward_pre_hook(pre, with_kwargs=True)
         res = trainer.fit()
         h.remove()
+        h2.remove()
         clock.close()
         counter.close()
     sp = clock.summary(spec["warmup"])
     w = sp["warmup_steps"]
     timed_flops = sum(per_step[w:])
-    return {"speed": sp, "model_flops_timed": timed_flops, "model_flops_per_s": timed_flops / sp["timed_s"],
+    out = {}
+    try:  # the per-token formula of peftkit.measure (real lengths, no padding), as a cross-check
+        from peftkit.measure import model_train_flops
+
+        static = sum(model_train_flops(trainer.model, x)["total"] for x in lens[w:])
+        out = {"measure_flops_timed": static, "measure_flops_per_s": static / sp["timed_s"]}
+    except ImportError:
+        pass
+    return {**out, "speed": sp, "model_flops_timed": timed_flops, "model_flops_per_s": timed_flops / sp["timed_s"],
             "flops_per_token": timed_flops / (sp["tokens_per_s"] * sp["timed_s"]),
             "linear_flops_share": counter.linear / max(1.0, counter.linear + counter.attention),
             "params": res["params"], "backbone": res["run"]["model"], "optimizer": rec.train.optimizer}
@@ -100,6 +124,8 @@ def run(args) -> dict:
                     continue
                 pk = peak["peaks"][precision]["flops_per_s"]
                 r["mfu"] = r["model_flops_per_s"] / pk
+                if r.get("measure_flops_per_s"):
+                    r["mfu_measure"] = r["measure_flops_per_s"] / pk
                 runs.append({"spec": spec, "rep": rep, **r})
                 print(f"{strategy:8s} {precision}: {r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s = MFU {100 * r['mfu']:5.1f}% "
                       f"({r['speed']['tokens_per_s']:.0f} tok/s, {r['flops_per_token'] / 1e6:.1f} MFLOP/token, "
@@ -118,15 +144,16 @@ def markdown(data: dict, env: dict) -> str:
              f"{a['max_length']}, dynamic padding + length-grouped batches, {a['steps']} steps ({a['warmup']} warm-up "
              "excluded), model FLOPs counted per call as in `benchmarks/flops.py` (6N/4N/2N per token + attention). "
              "Median over repetitions.", "",
-             "| strategy | precision | trainable % | MFLOP/token | tokens/s | model GFLOP/s | MFU vs matmul peak | target |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| strategy | precision | trainable % | MFLOP/token | tokens/s | model GFLOP/s | MFU vs matmul peak | "
+             "MFU by `measure.model_train_flops` | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in data["runs"]:
         groups.setdefault((r["spec"]["strategy"], r["spec"]["precision"]), []).append(r)
     for (strategy, precision), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
-            lines.append(f"| {strategy} | {precision} | – | – | – | – | failed: "
+            lines.append(f"| {strategy} | {precision} | – | – | – | – | – | failed: "
                          f"{rs[0]['error'].strip().splitlines()[-1][:80]} | |")
             continue
         med = lambda f: common.spread([f(r) for r in ok])["median"]  # noqa: E731
@@ -134,7 +161,8 @@ def markdown(data: dict, env: dict) -> str:
         tgt = "≥50%: " + ("met" if mfu >= 0.5 else "missed") if strategy == "full" and precision == "bf16" else ""
         lines.append(f"| {strategy} | {precision} | {ok[0]['params']['trainable_pct']:.2f} | "
                      f"{med(lambda r: r['flops_per_token']) / 1e6:.1f} | {med(lambda r: r['speed']['tokens_per_s']):.0f} | "
-                     f"{med(lambda r: r['model_flops_per_s']) / 1e9:.1f} | {100 * mfu:.1f}% | {tgt} |")
+                     f"{med(lambda r: r['model_flops_per_s']) / 1e9:.1f} | {100 * mfu:.1f}% | "
+                     f"{common.fmt(100 * mm if (mm := med(lambda r: r.get('mfu_measure'))) else None)}% | {tgt} |")
     lines += ["", "## Environment", "", *common.env_lines(env),
               f"- load average at end: {', '.join(f'{x:.2f}' for x in data['loadavg_end'])}; wall "
               f"{data['wall_s'] / 60:.1f} min", ""]

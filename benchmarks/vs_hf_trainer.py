@@ -83,7 +83,7 @@ def worker_peftkit(spec: dict) -> dict:
         clock.close()
     out = {"speed": clock.summary(spec["warmup"]), "peak_rss_delta_bytes": rss.peak - rss.baseline,
            "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(),
-           "policy": pol, "trainer_speed": res["speed"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "policy": pol, "trainer_speed": res["speed"], "trainer_memory": res["memory"]["measured"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "optimizer": rec.train.optimizer}
     if spec["eval"]:
         out["accuracy"] = res["metrics"]["eval"]["accuracy"]
@@ -289,6 +289,7 @@ def main(argv=None):
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--acc-steps", type=int, default=300, help="steps of the accuracy runs (0 = none)")
     p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--name", default="vs_hf_trainer", help="results file name (without extension)")
     p.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps, nothing written")
     args = p.parse_args(argv)
     if args.worker:
@@ -307,7 +308,7 @@ def main(argv=None):
     md = markdown(data, env)
     print(md)
     if not args.smoke:
-        j, m = common.write_results("vs_hf_trainer", data, md, args.out)
+        j, m = common.write_results(args.name, data, md, args.out)
         print(f"wrote {j} and {m}")
     return 0
 
