@@ -24,7 +24,11 @@ class Built:
 
 
 def build(recipe: Recipe, apply_strategy: bool = True) -> Built:
+    from accelerate.utils import set_seed
+
     t0 = time.perf_counter()
+    # New weights (task head, LoRA A) are drawn here: seed first, or they depend on the process.
+    set_seed(recipe.train.seed)
     tokenizer = backbone.load_tokenizer(recipe.model)
     task = tasks.get(recipe.task, tokenizer)
     loaded = backbone.load(recipe.model, task, tokenizer)
