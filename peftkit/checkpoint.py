@@ -5,7 +5,7 @@ One checkpoint is a directory ``run_dir/checkpoints/step-00000012/`` with
 - ``strategy.safetensors``: the strategy's weights (every trainable parameter);
 - ``state.safetensors`` + ``state.json``: optimizer, LR scheduler, grad scaler, every RNG
   state, the data position and the trainer's own counters; tensors go to safetensors, the
-  rest to JSON (no pickle anywhere);
+  rest to JSON, so loading a checkpoint never runs code;
 - ``manifest.json``, written last: schema, step, recipe hash and the sha256 of each file.
 
 It is written in a hidden temporary directory (each file fsync'ed) and renamed into place,

@@ -20,6 +20,8 @@ def _quiet():
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("bitsandbytes", "transformers", "accelerate", "datasets", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # datasets logs parse failures as ERROR before raising; peftkit reports them as one line.
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 def cmd_validate(args) -> int:
