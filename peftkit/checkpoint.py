@@ -37,7 +37,7 @@ SCHEMA = "peftkit.checkpoint/1"
 DIR = "checkpoints"
 _STEP = re.compile(r"^step-(\d{8,})$")
 # What a run directory holds while a run is unfinished; anything else makes it "not ours".
-RUN_FILES = {"log.jsonl", "recipe.yaml", "strategy.safetensors", DIR}
+RUN_FILES = {"log.jsonl", "recipe.yaml", "strategy.safetensors", "tb", DIR}
 OUTPUTS = RUN_FILES | {"result.json"}
 
 
@@ -256,8 +256,9 @@ def check_run_dir(out: Path, recipe_hash: str, force: bool, resume: bool = True)
     """Decide what ``peftkit train`` does with ``out``: 'fresh' or 'resume' (or raise).
 
     Resuming is automatic when ``out`` holds checkpoints of the same recipe hash and no
-    result.json; a different recipe, a finished run or foreign files need ``--force``
-    (which starts over, discarding peftkit's own files there).
+    result.json, with or without ``--force`` (``compare`` reruns killed runs that way). A
+    finished run, another recipe's checkpoints or foreign files are refused unless
+    ``--force``, which then starts over (discarding peftkit's own files only).
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -273,30 +274,27 @@ def check_run_dir(out: Path, recipe_hash: str, force: bool, resume: bool = True)
     names = {p.name for p in out.iterdir()}
     if not names:
         return "fresh"
-    ckpts = step_dirs(out / DIR)
-    hashes = {m["recipe_hash"] for p in ckpts if (m := read_manifest(p))}
-    if force:
-        start_over(out)
-        return "fresh"
-    if "result.json" in names:
-        try:
-            json.loads((out / "result.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"--out {out}: result.json is corrupt ({e.__class__.__name__}: {e}); "
-                            "use --force to train again") from None
-        raise UserError(f"--out {out}: holds a finished run (result.json); use --force to train again")
-    if hashes - {recipe_hash}:
-        raise UserError(f"--out {out}: holds checkpoints of a different recipe (hash {', '.join(sorted(hashes))}; "
-                        f"this recipe {recipe_hash}); use another --out, or --force to discard them")
-    if not names <= RUN_FILES:
-        raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
-    if "recipe.yaml" in names and not hashes and _recipe_yaml_hash(out / "recipe.yaml") != recipe_hash:
-        raise UserError(f"--out {out}: holds an unfinished run of a different recipe; "
-                        "use another --out, or --force to discard it")
-    if hashes and resume:
+    hashes = {m["recipe_hash"] for p in step_dirs(out / DIR) if (m := read_manifest(p))}
+    finished = "result.json" in names
+    if not force:
+        if finished:
+            try:
+                json.loads((out / "result.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise UserError(f"--out {out}: result.json is corrupt ({e.__class__.__name__}: {e}); "
+                                "use --force to train again") from None
+            raise UserError(f"--out {out}: holds a finished run (result.json); use --force to train again")
+        if hashes - {recipe_hash}:
+            raise UserError(f"--out {out}: holds checkpoints of a different recipe (hash {', '.join(sorted(hashes))}; "
+                            f"this recipe {recipe_hash}); use another --out, or --force to discard them")
+        if not names <= RUN_FILES:
+            raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
+        if "recipe.yaml" in names and not hashes and _recipe_yaml_hash(out / "recipe.yaml") != recipe_hash:
+            raise UserError(f"--out {out}: holds an unfinished run of a different recipe; "
+                            "use another --out, or --force to discard it")
+    if hashes == {recipe_hash} and not finished and resume:
         return "resume"
-    if hashes:
-        start_over(out)
+    start_over(out)
     return "fresh"
 
 
@@ -363,6 +361,8 @@ class Checkpointer:
             clean_partial(self.root)
         if self.resume:
             self.loaded = latest_good(self.root, self.hash)
+            if self.loaded is None and self.acc.is_main_process and (self.run_dir / "log.jsonl").exists():
+                os.truncate(self.run_dir / "log.jsonl", 0)  # starting from scratch after all
         if self.loaded is not None and self.acc.is_main_process:
             log = self.run_dir / "log.jsonl"
             # Steps after the checkpoint are redone: drop their log lines (and a cut-off last line).

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 strategy.r=16")
     t.add_argument("--out", help="run directory (default: output.dir of the recipe)")
     t.add_argument("--force", action="store_true",
-                   help="start over in a non-empty run directory (discards its checkpoints and results)")
+                   help="use a non-empty run directory: a finished run or another recipe's files there "
+                        "are discarded (checkpoints of this recipe are still resumed)")
     t.add_argument("--no-resume", action="store_true",
                    help="start from scratch even if the run directory has checkpoints of this recipe")
     t.add_argument("--print-config", action="store_true", help="print the resolved recipe first")

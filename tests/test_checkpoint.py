@@ -163,6 +163,7 @@ def test_run_dir_rules(tiny_models, sentiment_dir, tmp_path):
     (run / "notes.txt").write_text("mine")
     with pytest.raises(checkpoint.UserError, match="not empty"):
         checkpoint.check_run_dir(run, h, force=False)
+    assert checkpoint.check_run_dir(run, h, force=True) == "resume"  # what compare does
     assert checkpoint.check_run_dir(run, other.hash(), force=True) == "fresh"
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # only peftkit's own files go
     (run / "result.json").write_text("{")
