@@ -162,4 +162,7 @@ def load(mc, task, tokenizer=None) -> Loaded:
 
 
 def _device_for_quantized() -> str | int:
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    # Under DDP every rank holds a whole copy: on its own GPU (LOCAL_RANK), not all on GPU 0.
+    from .distributed import quantized_device
+
+    return quantized_device()
