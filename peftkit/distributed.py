@@ -40,6 +40,17 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
+def requested_but_not_used(acc) -> str | None:
+    """A one-line notice when the launcher asked for FSDP/DeepSpeed and accelerate runs something else.
+
+    accelerate applies FSDP only on accelerators: on CPU processes it falls back to DDP (gloo).
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(var, "false").lower() == "true" and acc.distributed_type.value != name:
+            return f"{name} was requested but accelerate runs {acc.distributed_type.value} here ({name} needs GPUs)"
+    return None
+
+
 def check_batch_size(batch_size: int, world: int) -> None:
     if batch_size < world:
         raise UserError(f"train.batch_size: {batch_size} is the GLOBAL batch and must be at least the number "

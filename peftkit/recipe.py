@@ -53,6 +53,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     compile: bool = False
+    padding_free: bool = False  # causal LM: one row per batch, no padding (fastest with flash_attention_2)
     progress: bool = True
 
 

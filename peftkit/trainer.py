@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from . import measure
+from . import measure, packing
 from .build import Built
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, save_safetensors
@@ -76,14 +76,16 @@ class Trainer:
         )
         set_seed(self.tc.seed)
         dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
+        if note := dist.requested_but_not_used(self.acc):
+            self.acc.print(f"[peftkit] note: {note}")
         self.log_f = None
 
     # -- data -----------------------------------------------------------------------------
-    def _loader(self, ds, batches):
+    def _loader(self, ds, batches, collate=None):
         from torch.utils.data import DataLoader
 
-        return DataLoader(ds, batch_sampler=batches, collate_fn=self.b.task.collate, num_workers=self.tc.num_workers,
-                          persistent_workers=self.tc.num_workers > 0)
+        return DataLoader(ds, batch_sampler=batches, collate_fn=collate or self.b.task.collate,
+                          num_workers=self.tc.num_workers, persistent_workers=self.tc.num_workers > 0)
 
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
         seed = self.tc.seed * 1000 + epoch
@@ -162,7 +164,8 @@ class Trainer:
                 rank, world = self.acc.process_index, self.acc.num_processes
                 global_batches, local = dist.train_shards(self.train_batches(train, epoch), rank, world)
                 weights = iter([dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)])
-                it = iter(dist.device_loader(self._loader(train, local), self.acc.device))
+                collate = packing.PaddingFree() if tc.padding_free else None
+                it = iter(dist.device_loader(self._loader(train, local, collate), self.acc.device))
                 while step < total:
                     micro = []
                     for _ in range(tc.grad_accum):
@@ -172,8 +175,8 @@ class Trainer:
                             break
                     if not micro:
                         break
-                    n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(len(x["labels"]) for x in micro),
-                                                                     sum(int(x["attention_mask"].sum()) for x in micro)])
+                    counts = [packing.batch_counts(x) for x in micro]
+                    n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts), sum(c[1] for c in counts)])
                     with timer.step(n_samples, n_tokens):
                         loss_sum = 0.0
                         for batch in micro:
@@ -234,6 +237,7 @@ class Trainer:
                 "recipe_hash": b.recipe.hash(),
                 "recipe": b.recipe.to_dict(),
                 "world_size": self.acc.num_processes,
+                "distributed_type": str(self.acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "task": b.task.info(),
