@@ -35,6 +35,11 @@ def env_local_rank() -> int | None:
     return int(v) if v is not None else None
 
 
+def fsdp_requested() -> bool:
+    """accelerate launch was given an FSDP config (set before any process group exists)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def launched() -> bool:
     """True inside a process started by torchrun / accelerate launch."""
     return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
