@@ -98,6 +98,17 @@ def loss_weight(local: int, global_: int, world: int) -> float:
     return 1.0 if world == 1 else local * world / global_
 
 
+def accumulation_plugin(steps: int):
+    """Gradient accumulation counted by the trainer's groups, not by the end of the DataLoader.
+
+    With ``sync_with_dataloader`` accelerate syncs on EVERY micro-batch fetched after the last
+    one was (the trainer fetches a group ahead), i.e. two optimizer steps in one.
+    """
+    from accelerate.utils import GradientAccumulationPlugin
+
+    return GradientAccumulationPlugin(num_steps=steps, sync_with_dataloader=False)
+
+
 def dataloader_config():
     """split_batches=True: batches are global, so accelerate steps the LR scheduler once per
     optimizer step instead of once per process (and sizes DeepSpeed batches per device)."""

@@ -70,7 +70,7 @@ class Trainer:
             raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
         self.acc = Accelerator(
             mixed_precision="no" if self.tc.precision == "fp32" else self.tc.precision,
-            gradient_accumulation_steps=self.tc.grad_accum,
+            gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
             cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
             dataloader_config=dist.dataloader_config(),
         )
@@ -177,13 +177,18 @@ class Trainer:
                         break
                     counts = [packing.batch_counts(x) for x in micro]
                     n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts), sum(c[1] for c in counts)])
+                    # Sync (and step) on the group's last micro-batch, also for a short group at an
+                    # epoch's end; scaled so the gradient is the group's mean.
+                    self.acc.step = tc.grad_accum - len(micro)
+                    group_scale = tc.grad_accum / len(micro)
                     with timer.step(n_samples, n_tokens):
                         loss_sum = 0.0
                         for batch in micro:
                             with self.acc.accumulate(model):
                                 loss = model(**batch).loss
                                 w = next(weights)
-                                self.acc.backward(loss if w == 1.0 else loss * w)
+                                s = w * group_scale
+                                self.acc.backward(loss if s == 1.0 else loss * s)
                                 loss_sum += loss.detach().float().item() * w
                                 if self.acc.sync_gradients and tc.max_grad_norm:
                                     self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)

@@ -61,8 +61,11 @@ def test_two_processes_match_one(tiny_models, tmp_path):
     write_csv(data / "validation.csv", sentiment_rows(9, 1))
     write_csv(data / "test.csv", sentiment_rows(33, 2))  # odd: shards of 17 and 16
     # batch_size 7 (global): shards of 4 and 3 every step, so the loss reweighting is exercised.
+    # 60 examples = 9 batches; grad_accum 2: step 5 is a 1-batch group at the epoch's end, step 6
+    # starts epoch 1.
     rec = tmp_path / "r.yaml"
-    rec.write_text(yaml.safe_dump(tiny_recipe(model, data, "lora", max_steps=4, batch_size=7, log_every=1)))
+    rec.write_text(yaml.safe_dump(tiny_recipe(model, data, "lora", max_steps=6, batch_size=7, grad_accum=2,
+                                              log_every=1, warmup_ratio=0.0)))
     cmds = {1: [sys.executable, "-m", "peftkit", "train", str(rec), "--out", str(tmp_path / "run1")],
             2: [sys.executable, "-m", "peftkit", "train", str(rec), "--out", str(tmp_path / "run2"),
                 "--launcher", "accelerate", "--nproc", "2"]}
@@ -83,8 +86,11 @@ def test_two_processes_match_one(tiny_models, tmp_path):
     log1, log2 = ([json.loads(x) for x in (tmp_path / f"run{n}" / "log.jsonl").read_text().splitlines()] for n in (1, 2))
     l1 = [x["loss"] for x in log1 if "loss" in x]
     l2 = [x["loss"] for x in log2 if "loss" in x]
-    assert len(l1) == len(l2) == 4 and l1 == pytest.approx(l2, abs=1e-5)
-    assert [x["lr"] for x in log1 if "lr" in x] == [x["lr"] for x in log2 if "lr" in x]  # scheduler once per step
+    assert len(l1) == len(l2) == 6 and l1 == pytest.approx(l2, abs=1e-5)
+    lr1 = [x["lr"] for x in log1 if "lr" in x]
+    assert lr1 == [x["lr"] for x in log2 if "lr" in x]
+    # Linear decay, one scheduler step per optimizer step: no step skipped or doubled at the epoch end.
+    assert lr1 == pytest.approx([1e-3 * (6 - s) / 6 for s in range(1, 7)])
     w1, w2 = (load_file(tmp_path / f"run{n}" / "strategy.safetensors") for n in (1, 2))
     assert w1.keys() == w2.keys()
     for k in w1:
