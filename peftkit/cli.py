@@ -67,6 +67,8 @@ def cmd_train(args) -> int:
         _check_out_dir(out, args.force)
     if args.launcher != "none" and not dist.launched():
         return _relaunch(args, out)
+    if dist.env_rank() != 0:
+        dist.quiet_rank()
     from .build import build
     from .trainer import Trainer
 

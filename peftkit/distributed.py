@@ -56,6 +56,14 @@ def requested_but_not_used(acc) -> str | None:
     return None
 
 
+def quiet_rank() -> None:
+    """No progress bars from ranks other than 0 (rank 0 speaks for the run)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def check_batch_size(batch_size: int, world: int) -> None:
     if batch_size < world:
         raise UserError(f"train.batch_size: {batch_size} is the GLOBAL batch and must be at least the number "
