@@ -133,9 +133,10 @@ def markdown(r: dict) -> str:
               "| model | strategy | attention | peak MiB | tokens/s | TFLOP/s | MFU | error |",
               "|---|---|---|---|---|---|---|---|"]
     for b in r["bench"]:
+        tflops = b.get("model_flops_per_s") and b["model_flops_per_s"] / 1e12
+        mfu = f"{100 * b['mfu']:.1f}%" if b.get("mfu") else "–"
         lines.append(f"| {b['model']} | {b['strategy']} | {b['attn']} | {mib(b.get('peak_bytes'))} | "
-                     f"{num(b.get('tokens_per_s'), ',.0f')} | {num(b.get('model_flops_per_s') and b['model_flops_per_s'] / 1e12, '.2f')} | "
-                     f"{num(b.get('mfu') and 100 * b['mfu'], '.1f')}{'%' if b.get('mfu') else ''} | {b.get('error', '')} |")
+                     f"{num(b.get('tokens_per_s'), ',.0f')} | {num(tflops, '.2f')} | {mfu} | {b.get('error', '')} |")
     return "\n".join(lines) + "\n"
 
 

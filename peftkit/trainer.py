@@ -182,7 +182,8 @@ class Trainer:
                     if not micro:
                         break
                     counts = [packing.batch_counts(x) for x in micro]
-                    n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts), sum(c[1] for c in counts)])
+                    n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts),
+                                                                     sum(c[1] for c in counts)])
                     # Sync (and step) on the group's last micro-batch, also for a short group at an
                     # epoch's end; scaled so the gradient is the group's mean.
                     self.acc.step = tc.grad_accum - len(micro)

@@ -36,7 +36,8 @@ def test_shards_cover_every_example_once():
 
 def test_launch_commands():
     a = dist.launch_command(["train", "r.yaml"], "accelerate", 2)
-    assert a[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and a[-4:] == ["-m", "peftkit", "train", "r.yaml"]
+    assert a[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"]
+    assert a[-4:] == ["-m", "peftkit", "train", "r.yaml"]
     assert "--multi_gpu" in a and "--cpu" not in a  # --cpu would start one process
     t = dist.launch_command(["train", "r.yaml"], "torchrun", 4)
     assert "--nproc_per_node=4" in t
@@ -83,7 +84,8 @@ def test_two_processes_match_one(tiny_models, tmp_path):
         assert r1["metrics"]["eval"][k] == r2["metrics"]["eval"][k]
     # fp32; the only difference is summation order (each rank's mean, then gloo's all-reduce
     # average, vs one mean over the batch): ~1e-7 relative per step, a few Adam steps of lr 1e-3.
-    log1, log2 = ([json.loads(x) for x in (tmp_path / f"run{n}" / "log.jsonl").read_text().splitlines()] for n in (1, 2))
+    log1, log2 = ([json.loads(x) for x in (tmp_path / f"run{n}" / "log.jsonl").read_text().splitlines()]
+                  for n in (1, 2))
     l1 = [x["loss"] for x in log1 if "loss" in x]
     l2 = [x["loss"] for x in log2 if "loss" in x]
     assert len(l1) == len(l2) == 6 and l1 == pytest.approx(l2, abs=1e-5)
