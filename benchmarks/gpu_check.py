@@ -61,7 +61,9 @@ def run(rd: dict, peak: float | None) -> dict:
     lengths = list(built.task.datasets()["train"]["length"])
     flops = measure.model_train_flops(built.model, lengths)
     with tempfile.TemporaryDirectory() as d:
-        res = Trainer(built, d).fit()
+        trainer = Trainer(built, d)
+        res = trainer.fit()
+        trainer.acc.free_memory()  # drop accelerate's references before the next check
         saved = sorted(p.name for p in Path(d).iterdir())
         log = [json.loads(x) for x in (Path(d) / "log.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in log if "loss" in x]
@@ -82,7 +84,7 @@ def run(rd: dict, peak: float | None) -> dict:
         "flops_per_token": flops["per_token"], "model_flops_per_s": fps, "mfu": measure.mfu(fps, peak),
         "files": saved,
     }
-    del built, res
+    del built, res, trainer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -134,7 +136,7 @@ def markdown(r: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for b in r["bench"]:
         tflops = b.get("model_flops_per_s") and b["model_flops_per_s"] / 1e12
-        mfu = f"{100 * b['mfu']:.1f}%" if b.get("mfu") else "–"
+        mfu = f"{100 * b['mfu']:.3g}%" if b.get("mfu") else "–"
         lines.append(f"| {b['model']} | {b['strategy']} | {b['attn']} | {mib(b.get('peak_bytes'))} | "
                      f"{num(b.get('tokens_per_s'), ',.0f')} | {num(tflops, '.2f')} | {mfu} | {b.get('error', '')} |")
     return "\n".join(lines) + "\n"
