@@ -347,6 +347,7 @@ class Checkpointer:
         self.acc, self.run_dir, self.recipe = acc, Path(run_dir), recipe
         self.root = self.run_dir / DIR
         self.every, self.keep = recipe.train.checkpoint_every, recipe.train.keep_checkpoints
+        self.sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
         self.hash = recipe.hash()
         self.resume = resume
         self.signals = StopSignals()
@@ -356,13 +357,24 @@ class Checkpointer:
         """Before the log is opened: record the recipe, find the checkpoint to resume from."""
         from .recipe import dump_yaml
 
+        if self.sharded:
+            self.every, self.resume = None, False
+            self.acc.print("[peftkit] note: checkpoints are not written under FSDP/DeepSpeed (sharded state)")
+        path = None
         if self.acc.is_main_process:
             atomic_write_bytes(self.run_dir / "recipe.yaml", dump_yaml(self.recipe).encode())
             clean_partial(self.root)
-        if self.resume:
-            self.loaded = latest_good(self.root, self.hash)
-            if self.loaded is None and self.acc.is_main_process and (self.run_dir / "log.jsonl").exists():
-                os.truncate(self.run_dir / "log.jsonl", 0)  # starting from scratch after all
+            if self.resume:
+                self.loaded = latest_good(self.root, self.hash)
+                path = self.loaded and str(self.loaded.path)
+                if self.loaded is None and (self.run_dir / "log.jsonl").exists():
+                    os.truncate(self.run_dir / "log.jsonl", 0)  # starting from scratch after all
+        if self.acc.num_processes > 1:  # rank 0 chose (and cleaned up); the others follow
+            from accelerate.utils import broadcast_object_list
+
+            path = broadcast_object_list([path])[0]
+            if path is not None and not self.acc.is_main_process:
+                self.loaded = load(Path(path))
         if self.loaded is not None and self.acc.is_main_process:
             log = self.run_dir / "log.jsonl"
             # Steps after the checkpoint are redone: drop their log lines (and a cut-off last line).
@@ -398,6 +410,8 @@ class Checkpointer:
         signum = self._stop_requested()
         if not signum and not (self.every and step % self.every == 0):
             return
+        if self.sharded:
+            raise Interrupted(f"{signal.Signals(signum).name} at step {step}: no checkpoint under FSDP/DeepSpeed", signum)
         path = self.save(step, model, strategy, opt, sched, log_f, trainer)
         if signum:
             raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved to {path}; "
