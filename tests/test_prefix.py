@@ -199,3 +199,37 @@ def test_cli_train_end_to_end(tiny_models, sentiment_dir, tmp_path, kind):
     assert len(table) == 1 and tuple(table[0].shape) == (2, 2, kv_heads, 8, 8)
     losses = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(losses) == 3 and all(l == l for l in losses)  # noqa: E741
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decoding_with_cache_matches_full_forward(tiny_models, kind):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[kind]).eval()
+    _apply(model, num_virtual_tokens=3)
+    ids = torch.randint(1000, 2000, (2, 9))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -3:]
+        out = model(input_ids=ids[:, :6], use_cache=True)  # prefill, then 2 tokens, then 1
+        two = model(input_ids=ids[:, 6:8], cache=out.cache, use_cache=True)
+        one = model(input_ids=ids[:, 8:], cache=two.cache, use_cache=True)
+    torch.testing.assert_close(torch.cat([two.logits, one.logits], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_extend_mask_shapes_and_values():
+    from peftkit.strategies.prefix import _extend_mask
+
+    q = torch.zeros(1, 2, 3, 4)
+    m = _extend_mask(None, 2, q, kv_len=5, causal=True, additive=False)  # 2 cached + 3 new tokens
+    assert m.dtype == torch.bool and m.shape == (1, 1, 3, 7)
+    assert m[0, 0].tolist() == [[True] * 2 + [True] * 3 + [False] * 2,
+                                [True] * 2 + [True] * 4 + [False],
+                                [True] * 7]
+    f = _extend_mask(None, 2, q, kv_len=5, causal=True, additive=True)
+    assert f.dtype == q.dtype and torch.equal(f == 0, m)
+    assert _extend_mask(None, 2, q, kv_len=3, causal=False, additive=False) is None
+    assert _extend_mask(None, 2, q[:, :, :1], kv_len=3, causal=True, additive=True) is None
+    pad = torch.tensor([True, True, False]).expand(2, 1, 3, 3)
+    assert _extend_mask(pad, 2, q, 3, True, False)[0, 0, 0].tolist() == [True, True, True, True, False]
+    fm = torch.zeros(2, 1, 3, 3).masked_fill(~pad, -1e9)
+    assert _extend_mask(fm, 2, q, 3, True, True)[1, 0, 2].tolist() == [0, 0, 0, 0, -1e9]

@@ -110,17 +110,23 @@ class _Slot:
         self.encoder, self.index = encoder, index
 
 
-def _extend_mask(mask, tokens: int, query, kv_len: int, causal: bool):
-    """Prepend ``tokens`` always-visible key columns to a 4-D bool/float mask (or None)."""
+def _extend_mask(mask, tokens: int, query, kv_len: int, causal: bool, additive: bool):
+    """Prepend ``tokens`` always-visible key columns to a 4-D bool/float mask (or None).
+
+    A None mask of a causal layer becomes an explicit one (bool, or additive float for
+    eager kernels): SDPA's ``is_causal`` would align the causal triangle top-left and hide
+    real tokens behind the prefix.
+    """
     q_len = query.shape[2]
     if mask is None:
         if not (causal and q_len > 1):
             return None
-        # Causal over the real keys, bottom-right aligned (a cache may hold earlier tokens).
+        # Bottom-right aligned over the real keys: a cache may hold earlier tokens.
         i = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
         mask = (torch.arange(kv_len, device=query.device)[None, :] <= i)[None, None]
-        if causal == "float":
-            mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min)
     if mask.ndim != 4:
         raise RuntimeError(f"prefix attention expects a 4-D attention mask, got shape {tuple(mask.shape)}")
     fill = True if mask.dtype == torch.bool else 0.0
@@ -150,9 +156,7 @@ def _prefix_attention(base: str):
         value = torch.cat([kv[1], value], dim=2)
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", False) if causal is None else causal
-        if causal and base == "eager":
-            causal = "float"
-        attention_mask = _extend_mask(attention_mask, tokens, query, kv_len, causal)
+        attention_mask = _extend_mask(attention_mask, tokens, query, kv_len, bool(causal), base == "eager")
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return attention
