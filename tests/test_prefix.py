@@ -33,14 +33,9 @@ def _apply(model, head=(), **cfg):
     return s, s.apply(model, list(head))
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_prefix_equals_real_past_key_values(tiny_models, kind, impl):
-    """A prefix set to the keys/values of P real tokens gives exactly the outputs of the
-    last S tokens of the full P+S sequence: concatenation order, masks (causal and not),
-    grouped-query heads (llama: 2 kv heads, 4 query heads) and layer order all line up."""
+def _check_equals_real_past(model, impl, first_position=0):
     P, S = 5, 7
-    model = AutoModel.from_pretrained(tiny_models[kind], attn_implementation=impl).eval()
+    model.eval()
     ids = torch.randint(1000, 2000, (2, P + S), generator=torch.Generator().manual_seed(0))
     CAPTURED.clear()
     model.set_attn_implementation("test_capture")
@@ -57,9 +52,32 @@ def test_prefix_equals_real_past_key_values(tiny_models, kind, impl):
             k, v = CAPTURED[m]  # (batch, kv_heads, P+S, head_dim); both rows share the prefix below
             enc.table[i, 0] = k[0, :, :P]
             enc.table[i, 1] = v[0, :, :P]
-        pos = torch.arange(P, P + S).expand(1, -1)
+        pos = torch.arange(P, P + S).expand(1, -1) + first_position
         out = model(input_ids=ids[:1, P:], position_ids=pos).last_hidden_state
     torch.testing.assert_close(out, full[:1, P:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_equals_real_past_key_values(tiny_models, kind, impl):
+    """A prefix set to the keys/values of P real tokens gives exactly the outputs of the
+    last S tokens of the full P+S sequence: concatenation order, masks (causal and not),
+    grouped-query heads (llama: 2 kv heads, 4 query heads) and layer order all line up."""
+    _check_equals_real_past(AutoModel.from_pretrained(tiny_models[kind], attn_implementation=impl), impl)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "mistral", "qwen2"])
+def test_other_supported_architectures(kind):
+    import transformers
+
+    cfg = {"roberta": transformers.RobertaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[kind](
+        vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    # RoBERTa numbers positions from padding_idx + 1; the others from 0.
+    first = cfg.pad_token_id + 1 if kind == "roberta" else 0
+    _check_equals_real_past(AutoModel.from_config(cfg, attn_implementation="sdpa"), "sdpa", first)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

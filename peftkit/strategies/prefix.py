@@ -226,9 +226,12 @@ class Prefix(Strategy):
             raise ValueError("prefix tuning is already applied to this model")
         types = _attention_classes(cfg.model_type)
         attn = [m for m in model.modules() if isinstance(m, types) and not getattr(m, "is_cross_attention", False)]
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        if not attn:
+            raise UserError(f"prefix: no {types[0].__name__} modules found in {type(model).__name__}")
+        # Keys reach the kernel before repeat_kv: kv heads = heads / the module's GQA group size.
+        a = attn[0]
+        kv_heads = cfg.num_attention_heads // getattr(a, "num_key_value_groups", 1)
+        head_dim = getattr(a, "head_dim", None) or a.attention_head_size
         freeze_all(model)
         param = next(model.parameters())
         enc = PrefixEncoder(len(attn), kv_heads, head_dim, c.num_virtual_tokens, cfg.hidden_size,
