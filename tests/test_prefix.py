@@ -251,3 +251,15 @@ def test_extend_mask_shapes_and_values():
     assert _extend_mask(pad, 2, q, 3, True, False)[0, 0, 0].tolist() == [True, True, True, True, False]
     fm = torch.zeros(2, 1, 3, 3).masked_fill(~pad, -1e9)
     assert _extend_mask(fm, 2, q, 3, True, True)[1, 0, 2].tolist() == [0, 0, 0, 0, -1e9]
+
+
+def test_padding_free_packed_row_matches_sequences_alone(tiny_models):
+    """train.padding_free: one row, restarting position_ids, no mask -> block-diagonal mask."""
+    model = AutoModel.from_pretrained(tiny_models["llama"], attn_implementation="sdpa").eval()
+    _apply(model, num_virtual_tokens=3)
+    a, b = torch.arange(1000, 1004), torch.arange(1100, 1106)
+    pos = torch.cat([torch.arange(4), torch.arange(6)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([a, b])[None], position_ids=pos, use_cache=False).last_hidden_state[0]
+        alone = [model(input_ids=x[None]).last_hidden_state[0] for x in (a, b)]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
