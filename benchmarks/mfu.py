@@ -185,6 +185,7 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--name", default="mfu", help="results file name (without extension)")
     p.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps, nothing written")
     args = p.parse_args(argv)
     if args.worker:
@@ -207,7 +208,7 @@ def main(argv=None):
     md = markdown(data, env)
     print(md)
     if not args.smoke:
-        j, m = common.write_results("mfu", data, md, args.out)
+        j, m = common.write_results(args.name, data, md, args.out)
         print(f"wrote {j} and {m}")
     return 0
 
