@@ -34,3 +34,18 @@ def test_counter_matches_torch_flop_counter(tiny_models):
             model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
         counter.close()
         assert counter.flops == pytest.approx(ref.get_total_flops(), rel=1e-6), strategy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["mfu.py", "vs_hf_trainer.py"])
+def test_benchmark_smoke(script):
+    """The benchmark scripts run end to end on a tiny model (--smoke writes nothing)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--smoke"], capture_output=True, text=True,
+                       env=env, timeout=1200, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| strategy" in p.stdout or "| setting" in p.stdout
