@@ -85,7 +85,7 @@ def cmd_export(args) -> int:
     if args.verify_examples < 1:
         raise UserError(f"--verify-examples: must be at least 1 (got {args.verify_examples})")
     E.check(args.run_dir, out, args.adapter_only, args.dtype)
-    _check_out_dir(out, args.force)
+    E.check_out_dir(out, args.force)
     s = E.export(args.run_dir, out, dtype=args.dtype, verify=args.verify, adapter_only=args.adapter_only,
                  verify_examples=args.verify_examples)
     what = f"merged, {s['dtype']}" if s["merged"] else f"adapter only, {s['format']} format"

@@ -20,6 +20,7 @@ strategy's weights are loaded (``load_trained``). Then:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -121,6 +122,17 @@ def is_peft(model) -> bool:
 
 
 # -- checks before any weight is loaded ---------------------------------------------------
+def check_out_dir(out: Path, force: bool) -> None:
+    """An existing non-empty --out is refused unless forced; nothing is created here."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: {parent} is not writable")
+
+
 def check(run_dir: str | Path, out: str | Path, adapter_only: bool = False, dtype: str = "fp32"):
     run_dir, out = Path(run_dir), Path(out)
     recipe = read_recipe(run_dir)

@@ -170,6 +170,7 @@ def test_bf16_export(runs, tmp_path):
 @pytest.mark.parametrize("strategy", ["lora", "full"])
 def test_adapter_only(strategy, runs, tmp_path, capsys):
     run, out = runs(strategy), tmp_path / "adapter"
+    capsys.readouterr()  # training output
     assert cli.main(["export", str(run), "--out", str(out), "--adapter-only", "--verify", "--verify-examples", "8"]) == 0
     printed = capsys.readouterr().out
     assert "adapter only" in printed and " MB" in printed and "verify ok" in printed
@@ -194,6 +195,7 @@ def test_not_mergeable(strategy, runs, tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(strategies.REGISTRY, "lora", NoMerge)
         strategy = "lora"
     run, out = runs(strategy), tmp_path / "out"
+    capsys.readouterr()  # training output
     assert cli.main(["export", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot be folded" in err and "--adapter-only" in err
@@ -204,6 +206,7 @@ def test_not_mergeable(strategy, runs, tmp_path, capsys, monkeypatch):
 
 def test_out_dir_rules(runs, tmp_path, capsys):
     run, out = runs("full"), tmp_path / "out"
+    capsys.readouterr()  # training output
     out.mkdir()
     (out / "keep.txt").write_text("x")
     assert cli.main(["export", str(run), "--out", str(out)]) == 2
