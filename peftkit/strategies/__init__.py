@@ -1,14 +1,22 @@
 """Strategy registry: adding a strategy is one module and one line here."""
 
 from .base import Strategy, StrategyConfig, count_params
+from .adapter import Adapter
+from .bitfit import BitFit
+from .freeze import Freeze
 from .full import Full
+from .ia3 import IA3
 from .lora import Lora
 from .qlora import QLora
 
 REGISTRY: dict[str, type[Strategy]] = {
     "full": Full,
+    "freeze": Freeze,
     "lora": Lora,
     "qlora": QLora,
+    "adapter": Adapter,
+    "ia3": IA3,
+    "bitfit": BitFit,
 }
 
 
