@@ -21,11 +21,12 @@ from peftkit.strategies import count_params
 ARCHS = ("bert", "llama", "gpt2")
 LABELS = 2  # the synthetic sentiment data: pos/neg
 
-# Variants beyond each registered strategy's defaults: case -> strategy section.
+# Variants beyond each registered strategy's defaults: case -> recipe sections.
 VARIANTS = {
-    "freeze": {"name": "freeze", "layers": 1},
-    "lora-dora": {"name": "lora", "dora": True},
-    "lora-rslora": {"name": "lora", "rslora": True},
+    "freeze": {"strategy": {"name": "freeze", "layers": 1}},
+    "lora-dora": {"strategy": {"name": "lora", "dora": True}},
+    "lora-rslora": {"strategy": {"name": "lora", "rslora": True}},
+    "adapter-4bit": {"strategy": {"name": "adapter"}, "model": {"quantization": "4bit"}},
 }
 CASES = sorted(set(strategies.REGISTRY) | set(VARIANTS))
 
@@ -95,6 +96,7 @@ EXPECTED = {
     "lora-rslora": lambda kind, total: lora(kind),
     "qlora": lambda kind, total: lora(kind),
     "adapter": lambda kind, total: adapter(kind),
+    "adapter-4bit": lambda kind, total: adapter(kind),
     "ia3": lambda kind, total: ia3(kind),
     "bitfit": lambda kind, total: bitfit(kind),
 }
@@ -105,7 +107,8 @@ SENTENCES = ["a great and moving film", "boring plot", "the acting was dull and 
 
 def _build(case, kind, tiny_models, sentiment_dir):
     rec = tiny_recipe(tiny_models[kind], sentiment_dir, "lora")
-    rec["strategy"] = VARIANTS.get(case, {"name": case})
+    for section, values in VARIANTS.get(case, {"strategy": {"name": case}}).items():
+        rec[section] = {**rec.get(section, {}), **values}
     b = build(from_dict(rec))
     if b.recipe.model.quantization != "none":
         import bitsandbytes as bnb
