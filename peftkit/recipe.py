@@ -59,7 +59,7 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs/{task}-{strategy}"
     save_weights: bool = True
-    tensorboard: bool = False
+    tensorboard: bool = True  # TensorBoard events in RUN_DIR/tb when tensorboard is installed
 
 
 def _union(configs: list[type], tag: str):

@@ -73,6 +73,7 @@ class Trainer:
         )
         set_seed(self.tc.seed)
         self.log_f = None
+        self.tb = None
 
     # -- data -----------------------------------------------------------------------------
     def _loader(self, ds, batches):
@@ -84,12 +85,13 @@ class Trainer:
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
         seed = self.tc.seed * 1000 + epoch
         if self.tc.group_by_length:
-            return length_grouped_batches(ds["length"], self.tc.batch_size, seed)
+            return length_grouped_batches(list(ds["length"]), self.tc.batch_size, seed)
         return shuffled_batches(len(ds), self.tc.batch_size, seed)
 
     def eval_batches(self, ds) -> list[list[int]]:
         # Sorted by length: eval order does not change metrics, and padding costs time.
-        order = sorted(range(len(ds)), key=lambda i: ds["length"][i])
+        lengths = list(ds["length"])
+        order = sorted(range(len(ds)), key=lengths.__getitem__)
         bs = self.tc.batch_size * 2
         return [order[k : k + bs] for k in range(0, len(order), bs)]
 
@@ -98,6 +100,9 @@ class Trainer:
         if self.acc.is_main_process and self.log_f is not None:
             self.log_f.write(json.dumps(rec) + "\n")
             self.log_f.flush()
+            if self.tb is not None:
+                for k, v in _scalars(rec):
+                    self.tb.add_scalar(k, v, rec["step"])
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, model, ds) -> dict:
@@ -128,6 +133,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+            self.tb = _tensorboard(self.run_dir / "tb") if b.recipe.output.tensorboard else None
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
         total = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
@@ -197,6 +203,8 @@ class Trainer:
         if self.acc.is_main_process:
             self._save(model, result)
             self.log_f.close()
+            if self.tb is not None:
+                self.tb.close()
         self.acc.wait_for_everyone()
         self.model = model
         return result
@@ -248,6 +256,23 @@ class Trainer:
                                   "strategy_bytes": (d / "strategy.safetensors").stat().st_size,
                                   "tensors": len(sd)}
         atomic_write_json(d / "result.json", result)
+
+
+def _tensorboard(path):
+    """A SummaryWriter when tensorboard is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _scalars(rec: dict, prefix: str = ""):
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            yield from _scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and k != "step":
+            yield f"{prefix}{k}", v
 
 
 class _progress:
