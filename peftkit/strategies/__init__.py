@@ -11,9 +11,9 @@ from .qlora import QLora
 
 REGISTRY: dict[str, type[Strategy]] = {
     "full": Full,
-    "freeze": Freeze,
     "lora": Lora,
     "qlora": QLora,
+    "freeze": Freeze,
     "adapter": Adapter,
     "ia3": IA3,
     "bitfit": BitFit,
