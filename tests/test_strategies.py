@@ -77,10 +77,13 @@ def test_adapter_and_ia3_accept_a_quantized_backbone(tiny_models, sentiment_dir)
         assert _recipe(tiny_models["llama"], sentiment_dir, {"name": s}, quantization="4bit").model.quantization == "4bit"
 
 
-def test_adapter_rejects_an_unknown_architecture_at_validation(tmp_path, sentiment_dir):
+def test_unknown_architecture_is_found_at_validation(tmp_path, sentiment_dir):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt"}))
     with pytest.raises(RecipeError, match="adapter' does not know where to put adapters in 'opt'"):
         _recipe(tmp_path, sentiment_dir, {"name": "adapter"})
+    with pytest.raises(RecipeError, match="ia3' has no default targets for 'opt'"):
+        _recipe(tmp_path, sentiment_dir, {"name": "ia3"})
+    assert _recipe(tmp_path, sentiment_dir, {"name": "ia3", "target_modules": ["v_proj"]})
 
 
 def test_bitfit_refuses_llama_with_a_clear_error(tiny_models, sentiment_dir):

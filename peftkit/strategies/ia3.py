@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..errors import UserError
 from .base import Strategy, StrategyConfig
-from .modules import KNOWN_TYPES, role_linears
+from .modules import KNOWN_TYPES, model_type_of, role_linears
 
 
 class IA3Config(StrategyConfig):
@@ -24,6 +24,14 @@ class IA3(Strategy):
     name = "ia3"
     Config = IA3Config
     can_merge = True
+
+    def check(self, recipe):
+        problems = super().check(recipe)
+        mt = model_type_of(recipe.model.name)
+        if not self.cfg.target_modules and mt is not None and mt not in KNOWN_TYPES:
+            problems.append(f"strategy 'ia3' has no default targets for '{mt}' models "
+                            f"(known: {', '.join(KNOWN_TYPES)}); set strategy.target_modules")
+        return problems
 
     def targets(self, model) -> tuple[list[str], list[str]]:
         c = self.cfg
