@@ -87,6 +87,11 @@ def freeze(kind, layers=1):
     return (d["L"] - layers) * block + above + d["head"]
 
 
+def prefix(kind, tokens=16):
+    d = dims(kind)
+    return d["L"] * 2 * tokens * d["kv"] + d["head"]  # a key and a value per virtual token per layer
+
+
 # case -> f(kind, total params) -> expected trainable params.
 EXPECTED = {
     "full": lambda kind, total: total,
@@ -97,6 +102,7 @@ EXPECTED = {
     "qlora": lambda kind, total: lora(kind),
     "adapter": lambda kind, total: adapter(kind),
     "adapter-4bit": lambda kind, total: adapter(kind),
+    "prefix": lambda kind, total: prefix(kind),
     "ia3": lambda kind, total: ia3(kind),
     "bitfit": lambda kind, total: bitfit(kind),
 }

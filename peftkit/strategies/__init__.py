@@ -7,6 +7,7 @@ from .freeze import Freeze
 from .full import Full
 from .ia3 import IA3
 from .lora import Lora
+from .prefix import Prefix
 from .qlora import QLora
 
 REGISTRY: dict[str, type[Strategy]] = {
@@ -15,6 +16,7 @@ REGISTRY: dict[str, type[Strategy]] = {
     "qlora": QLora,
     "freeze": Freeze,
     "adapter": Adapter,
+    "prefix": Prefix,
     "ia3": IA3,
     "bitfit": BitFit,
 }
