@@ -78,6 +78,44 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import export as E
+
+    out = Path(args.out)
+    if args.verify_examples < 1:
+        raise UserError(f"--verify-examples: must be at least 1 (got {args.verify_examples})")
+    E.check(args.run_dir, out, args.adapter_only, args.dtype)
+    E.check_out_dir(out, args.force)
+    s = E.export(args.run_dir, out, dtype=args.dtype, verify=args.verify, adapter_only=args.adapter_only,
+                 verify_examples=args.verify_examples)
+    what = f"merged, {s['dtype']}" if s["merged"] else f"adapter only, {s['format']} format"
+    print(f"[peftkit] exported {s['strategy']} ({what}) to {out}: {len(s['files'])} files, {s['bytes'] / 1e6:.2f} MB")
+    v = s.get("verify")
+    if v is None:
+        return 0
+    m = ", ".join(f"{k} {v['metrics']['trained'][k]:.4f} -> {v['metrics']['exported'][k]:.4f}"
+                  for k, x in v["metrics"]["trained"].items() if isinstance(x, float))
+    print(f"[peftkit] verify {'ok' if v['passed'] else 'FAILED'}: {v['examples']} examples, "
+          f"max |dlogit| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']['max_abs_logit_diff']:.0e}), "
+          f"argmax agreement {100 * v['argmax_agreement']:.1f}%, {m}; {out / 'verify.json'}")
+    return 0 if v["passed"] else 1
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    from .predict import Predictor
+
+    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
+    preds = Predictor.load(args.path).predict(texts, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([{"text": t, **p} for t, p in zip(texts, preds)], indent=2, ensure_ascii=False))
+    else:
+        for t, p in zip(texts, preds):
+            print(f"{p['label']}\t{p['score']:.4f}\t{t}" if "label" in p else json.dumps({"text": t, **p}))
+    return 0
+
+
 def _relaunch(args, out: Path) -> int:
     """Run this train command in ``--nproc`` processes under torchrun / accelerate launch."""
     import subprocess
@@ -119,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
     v.add_argument("--print-config", action="store_true", help="print each resolved recipe")
     v.set_defaults(fn=cmd_validate)
+
+    e = sub.add_parser("export", help="merge a run into a plain transformers model directory")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of merged weights")
+    e.add_argument("--verify", action="store_true", help="reload the export and compare it with the trained model")
+    e.add_argument("--verify-examples", type=int, default=64, metavar="N", help="eval examples for --verify")
+    e.add_argument("--adapter-only", action="store_true", help="write only the strategy's weights (+ recipe, tokenizer)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    e.set_defaults(fn=cmd_export)
+
+    pr = sub.add_parser("predict", help="predict with an exported model or a run directory")
+    pr.add_argument("path", help="exported model directory or run directory")
+    pr.add_argument("texts", nargs="+", help="texts to classify ('-' reads one per line from stdin)")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.set_defaults(fn=cmd_predict)
     return p
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -48,3 +50,36 @@ def save_safetensors(path: str | Path, tensors: dict) -> None:
     # contiguous + own storage: safetensors refuses shared or strided tensors.
     data = save({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()})
     atomic_write_bytes(path, data)
+
+
+@contextmanager
+def atomic_dir(dest: str | Path):
+    """Yield a fresh temporary directory next to ``dest`` that becomes ``dest`` on success.
+
+    An existing ``dest`` (the caller decides whether that is allowed) is swapped out by
+    rename and removed afterwards; on an error the temporary directory is removed and
+    ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
+            os.replace(dest, old)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old is not None:
+                os.replace(old, dest)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,7 +1,11 @@
 """Strategy registry: adding a strategy is one module and one line here."""
 
 from .base import Strategy, StrategyConfig, count_params
+from .adapter import Adapter
+from .bitfit import BitFit
+from .freeze import Freeze
 from .full import Full
+from .ia3 import IA3
 from .lora import Lora
 from .prefix import Prefix
 from .qlora import QLora
@@ -10,7 +14,11 @@ REGISTRY: dict[str, type[Strategy]] = {
     "full": Full,
     "lora": Lora,
     "qlora": QLora,
+    "freeze": Freeze,
+    "adapter": Adapter,
     "prefix": Prefix,
+    "ia3": IA3,
+    "bitfit": BitFit,
 }
 
 

@@ -67,7 +67,8 @@ class Classification(Task):
         return self._raw
 
     def model_kwargs(self):
-        self.raw_splits()
+        if self.labels is None:  # known labels: a model can be rebuilt without its data
+            self.raw_splits()
         return dict(
             num_labels=len(self.labels),
             id2label=dict(enumerate(self.labels)),

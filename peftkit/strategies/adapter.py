@@ -1,0 +1,116 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020), our own small version.
+
+Each adapter is ``x + up(act(down(x)))`` with ``down: d -> b`` and ``up: b -> d``, applied to
+the output of a sublayer's output projection, before the residual connection:
+houlsby = after the attention output projection and after the feed-forward block,
+pfeiffer = after the feed-forward block only. ``up`` starts at zero, so the adapted model
+starts out computing exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import UserError
+from .base import Strategy, StrategyConfig, freeze_all, unfreeze
+from .modules import KNOWN_TYPES, model_type_of, role_linears
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class AdapterConfig(StrategyConfig):
+    """Bottleneck width: ``bottleneck`` if given, else hidden size // ``reduction_factor``."""
+
+    name: Literal["adapter"] = "adapter"
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    bottleneck: int | None = Field(None, ge=1)
+    reduction_factor: int = Field(16, ge=1)
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "gelu"
+
+
+class Bottleneck(nn.Module):
+    """The adapter: residual bottleneck MLP, fp32 parameters whatever the backbone dtype."""
+
+    def __init__(self, d: int, b: int, activation: str):
+        super().__init__()
+        self.down = nn.Linear(d, b)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(b, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.act(self.down(x.to(self.down.weight.dtype))))
+        return x + h.to(x.dtype)
+
+
+class Adapted(nn.Module):
+    """A frozen output projection followed by its adapter (replaces the projection in place)."""
+
+    def __init__(self, base: nn.Module, adapter: Bottleneck):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    # Some modeling code reads the projection's weight/bias (dtype checks): forward them.
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x, *args, **kwargs):
+        return self.adapter(self.base(x, *args, **kwargs))
+
+
+def _out_features(linear: nn.Module) -> int:
+    # nn.Linear / bitsandbytes Linear4bit have out_features; GPT-2's Conv1D has nf.
+    return getattr(linear, "out_features", None) or linear.nf
+
+
+class Adapter(Strategy):
+    name = "adapter"
+    Config = AdapterConfig
+    can_merge = False  # the nonlinear bottleneck cannot be folded into linear weights
+
+    def check(self, recipe):
+        problems = super().check(recipe)
+        mt = model_type_of(recipe.model.name)
+        if mt is not None and mt not in KNOWN_TYPES:
+            problems.append(f"strategy 'adapter' does not know where to put adapters in '{mt}' models "
+                            f"(known: {', '.join(KNOWN_TYPES)})")
+        return problems
+
+    def roles(self) -> list[str]:
+        return ["attn_out", "ffn_out"] if self.cfg.placement == "houlsby" else ["ffn_out"]
+
+    def apply(self, model, head):
+        c = self.cfg
+        freeze_all(model)
+        found = [x for role in self.roles() for x in role_linears(model, role)]
+        if not found:
+            raise UserError(f"strategy 'adapter': no attention/feed-forward blocks found in {type(model).__name__}")
+        for _, parent, attr in found:
+            linear = getattr(parent, attr)
+            d = _out_features(linear)
+            b = c.bottleneck or max(1, d // c.reduction_factor)
+            adapter = Bottleneck(d, b, c.activation).to(next(linear.parameters()).device)
+            setattr(parent, attr, Adapted(linear, adapter))
+        for a in adapters(model):
+            a.requires_grad_(True)
+        unfreeze(model, head)
+        return model
+
+    def merge(self, model):
+        raise NotImplementedError("strategy 'adapter' cannot be merged: its nonlinear bottleneck "
+                                  "cannot be folded into the base weights")
+
+
+def adapters(model: nn.Module) -> list[Bottleneck]:
+    return [m for m in model.modules() if isinstance(m, Bottleneck)]

@@ -1,0 +1,47 @@
+"""BitFit (Ben Zaken et al. 2022): only the bias terms (and the task head) train.
+
+Every module's ``bias`` parameter counts: linears, layer norms, GPT-2's Conv1D. Models
+without biases (Llama-style decoders: bias-free linears and RMSNorms) are refused at load
+time with an error rather than given new zero biases: BitFit there would train the head only.
+"""
+
+from typing import Literal
+
+from torch import nn
+
+from ..errors import UserError
+from .base import Strategy, StrategyConfig, freeze_all, unfreeze
+
+
+class BitFitConfig(StrategyConfig):
+    name: Literal["bitfit"] = "bitfit"
+
+
+def biases(model: nn.Module, skip: list[str] = ()) -> list[nn.Parameter]:
+    """Each module's own ``bias`` parameter, outside the modules named in ``skip``."""
+    skipped = {id(p) for name in skip for p in model.get_submodule(name).parameters()}
+    out, seen = [], set()
+    for m in model.modules():
+        b = getattr(m, "bias", None)
+        if isinstance(b, nn.Parameter) and id(b) not in skipped and id(b) not in seen:
+            seen.add(id(b))
+            out.append(b)
+    return out
+
+
+class BitFit(Strategy):
+    name = "bitfit"
+    Config = BitFitConfig
+    can_merge = True  # the trained biases are the model's own parameters
+    needs_quantized = False
+
+    def apply(self, model, head):
+        bs = biases(model, head)
+        if not bs:
+            raise UserError(f"strategy 'bitfit': {type(model).__name__} has no bias parameters outside the "
+                            f"task head (e.g. Llama-style models); use ia3 or lora")
+        freeze_all(model)
+        for b in bs:
+            b.requires_grad_(True)
+        unfreeze(model, head)
+        return model
