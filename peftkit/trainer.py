@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import measure
+from . import measure, memory
 from .build import Built
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, save_safetensors
@@ -125,6 +125,7 @@ class Trainer:
         b, tc = self.b, self.tc
         t_start = time.perf_counter()
         data = b.task.datasets()
+        data_s = time.perf_counter() - t_start
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
@@ -140,6 +141,10 @@ class Trainer:
         if tc.compile:
             model = torch.compile(model)
         trainable, total_params = count_params(model)
+        t_est = time.perf_counter()
+        est = self._estimate(train, total)
+        estimate_s = time.perf_counter() - t_est
+        acct = memory.Accountant(model)
         self.acc.print(f"[peftkit] {b.strategy.name}: trainable {trainable:,} / {total_params:,} params "
                        f"({100 * trainable / total_params:.2f}%)")
 
@@ -169,12 +174,15 @@ class Trainer:
                         loss_sum = 0.0
                         for batch in micro:
                             with self.acc.accumulate(model):
-                                loss = model(**batch).loss
+                                with acct.saved.pass_(memory.batch_shape(batch)):
+                                    loss = model(**batch).loss
                                 self.acc.backward(loss)
+                                acct.after_backward(model)
                                 loss_sum += loss.detach().float().item()
                                 if self.acc.sync_gradients and tc.max_grad_norm:
                                     self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                                 opt.step()
+                                acct.after_step(model, opt)
                                 sched.step()
                                 opt.zero_grad(set_to_none=True)
                     step += 1
@@ -192,8 +200,11 @@ class Trainer:
         final = self.evaluate(model, data[tc.eval_split])
         self.log(step=step, eval_final=final)
         model = self.acc.unwrap_model(model)
-        result = self._result(model, trainable, total_params, timer, rss, losses, final, history, train_s,
-                              time.perf_counter() - t_start, len(train), step, epoch)
+        split = {"load_s": b.load_s, "data_s": data_s, "estimate_s": estimate_s, "train_s": train_s,
+                 "eval_s": final.get("eval_s")}
+        result = self._result(model, trainable, total_params, timer, rss, losses, final, history, split,
+                              b.load_s + time.perf_counter() - t_start, len(train), step, epoch)
+        result["memory"] = memory.section(est, acct.summary(), result["memory"]["measured"])
         if self.acc.is_main_process:
             self._save(model, result)
             self.log_f.close()
@@ -201,7 +212,25 @@ class Trainer:
         self.model = model
         return result
 
-    def _result(self, model, trainable, total_params, timer, rss, losses, final, history, train_s, wall_s,
+    def _estimate(self, train, total_steps: int) -> dict:
+        """The memory estimate at the longest batch this run will train on (known up front)."""
+        from .estimate import estimate
+
+        lengths = list(train["length"])
+        longest, epoch, seen = 0, 0, 0
+        while seen < total_steps * self.tc.grad_accum:
+            for batch in self.train_batches(train, epoch)[: total_steps * self.tc.grad_accum - seen]:
+                longest = max(longest, max(lengths[i] for i in batch))
+                seen += 1
+            epoch += 1
+        try:
+            return estimate(self.b.recipe, seq_len=longest, seq_source="longest batch of this run",
+                            task=self.b.task, tokenizer=self.b.tokenizer,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        except Exception as e:  # an estimate must never stop a training run
+            return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+    def _result(self, model, trainable, total_params, timer, rss, losses, final, history, split, wall_s,
                 n_train, steps, epochs) -> dict:
         b = self.b
         tail = losses[-max(1, min(len(losses), self.tc.log_every)):]
@@ -227,8 +256,8 @@ class Trainer:
             "params": {"total": total_params, "trainable": trainable,
                        "trainable_pct": 100.0 * trainable / total_params, "can_merge": b.strategy.can_merge},
             "memory": {"measured": measured},
-            "speed": {**timer.summary(), "wall_s": wall_s, "load_s": b.load_s, "train_s": train_s,
-                      "eval_s": final.get("eval_s"), "eval_samples_per_s": final.get("eval_samples_per_s"),
+            "speed": {**timer.summary(), "wall_s": wall_s, **split,
+                      "eval_samples_per_s": final.get("eval_samples_per_s"),
                       "steps": steps, "epochs_started": epochs, "train_examples": n_train},
             "metrics": {"eval": final, "eval_split": self.tc.eval_split, "history": history,
                         "train_loss": sum(tail) / len(tail) if tail else None},
