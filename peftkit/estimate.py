@@ -239,3 +239,33 @@ def rel_error(est: float | None, ref: float | None) -> float | None:
     if est is None or not ref:
         return None
     return (est - ref) / ref
+
+
+def render(est: dict, recipe=None) -> None:
+    """The estimate as a terminal table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def mib(b):
+        return f"{b / 2**20:,.1f} MiB"
+
+    p = est["params"]
+    title = (f"{recipe.strategy.name} on {recipe.model.name}: " if recipe is not None else "") + (
+        f"batch {est['batch_size']} x seq {est['seq_len']}, {est['precision']}")
+    t = Table(title=title)
+    t.add_column("component")
+    t.add_column("bytes", justify="right")
+    t.add_column("detail")
+    w = est["weights"]
+    t.add_row("weights", mib(w["total_bytes"]), ", ".join(f"{k} {mib(v)}" for k, v in w["by_type"].items()))
+    t.add_row("gradients", mib(est["gradients"]["total_bytes"]), f"{p['trainable']:,} trainable params")
+    t.add_row("optimizer", mib(est["optimizer"]["total_bytes"]), est["optimizer"]["formula"])
+    a = est["activations"]
+    t.add_row("activations", mib(a["total_bytes"]),
+              f"{a['tensors']} saved tensors: " + ", ".join(f"{k} {mib(v)}" for k, v in a["by_dtype"].items()))
+    t.add_row("[bold]total[/bold]", f"[bold]{mib(est['total_bytes'])}[/bold]",
+              f"trainable {p['trainable']:,} / {p['total']:,} ({100 * p['trainable'] / max(p['total'], 1):.2f}%)")
+    c = Console()
+    c.print(t)
+    c.print(f"seq length: {est['seq_source']}; {est['method']}; {est['seconds']} s. "
+            "Not included: allocator overhead and backward temporaries.")
