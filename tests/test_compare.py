@@ -92,3 +92,13 @@ def test_pareto_front():
     assert pareto(pts, lower_x_better=True) == [0, 1, 3]
     # (throughput, accuracy): higher is better on both axes.
     assert pareto([(10, 0.8), (20, 0.7), (5, 0.6)], lower_x_better=False) == [0, 1]
+
+
+def test_shipped_compare_recipes_validate(tmp_path):
+    from conftest import ROOT
+
+    shipped = sorted((ROOT / "recipes").rglob("compare*.yaml"))
+    assert shipped
+    for f in shipped:
+        runs = C.plan(f, tmp_path / "o")
+        assert len({r.variant for r in runs}) >= 3 and all(r.recipe.train.max_steps for r in runs)
