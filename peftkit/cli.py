@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
+
+
 import json
 import logging
 import os
@@ -20,6 +23,8 @@ def _quiet():
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("bitsandbytes", "transformers", "accelerate", "datasets", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # datasets logs parse failures as ERROR before raising; peftkit reports them as one line.
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 def cmd_validate(args) -> int:
@@ -39,39 +44,55 @@ def cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create directory ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: directory is not writable")
-
-
 def cmd_train(args) -> int:
     from . import recipe as R
 
+    from . import distributed as dist
+
     r = R.load(args.recipe, args.overrides)
-    if args.print_config or args.dry_run:
+    if (args.print_config or args.dry_run) and dist.env_rank() == 0:
         print(R.dump_yaml(r), end="")
-        if args.dry_run:
-            return 0
+    if args.dry_run:
+        return 0
     out = Path(args.out or r.run_dir())
-    _check_out_dir(out, args.force)
+    from .checkpoint import check_run_dir
+
+    # Resuming is automatic: a run dir with checkpoints of this recipe continues where it stopped.
+    # Rank 0 decides (other ranks would find its files); the trainer shares its choice.
+    mode = "resume"
+    if dist.env_rank() == 0:
+        mode = check_run_dir(out, r.hash(), args.force, resume=not args.no_resume)
+    if args.launcher != "none" and not dist.launched():
+        return _relaunch(args, out)
+    if dist.env_rank() != 0:
+        dist.quiet_rank()
     from .build import build
     from .trainer import Trainer
 
-    res = Trainer(build(r), out).fit()
+    res = Trainer(build(r), out, resume=mode == "resume").fit()
+    if dist.env_rank() != 0:
+        return 0
     m = res["metrics"]["eval"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.startswith("eval_"))
     sps = res["speed"]["train_samples_per_s"]
+    speed = f"{sps:.1f} samples/s; " if sps else ""
     print(f"[peftkit] done: {shown} on {res['metrics']['eval_split']} ({m['examples']} examples); "
-          f"{sps:.1f} samples/s; result: {out / 'result.json'}")
+          f"{speed}result: {out / 'result.json'}")
     return 0
+
+
+def _relaunch(args, out: Path) -> int:
+    """Run this train command in ``--nproc`` processes under torchrun / accelerate launch."""
+    import subprocess
+
+    from . import distributed as dist
+
+    argv = ["train", args.recipe, *args.overrides, "--out", str(out)]
+    argv += ["--force"] if args.force else []
+    argv += ["--no-resume"] if args.no_resume else []
+    cmd = dist.launch_command(argv, args.launcher, args.nproc, args.accelerate_config)
+    print(f"[peftkit] launching: {dist.format_command(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd)
 
 
 def cmd_estimate(args) -> int:
@@ -108,9 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 strategy.r=16")
     t.add_argument("--out", help="run directory (default: output.dir of the recipe)")
-    t.add_argument("--force", action="store_true", help="write into a non-empty run directory")
+    t.add_argument("--force", action="store_true",
+                   help="use a non-empty run directory: a finished run or another recipe's files there "
+                        "are discarded (checkpoints of this recipe are still resumed)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even if the run directory has checkpoints of this recipe")
     t.add_argument("--print-config", action="store_true", help="print the resolved recipe first")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
+    t.add_argument("--launcher", choices=["none", "torchrun", "accelerate"], default="none",
+                   help="start --nproc training processes (DDP; FSDP/DeepSpeed via --accelerate-config)")
+    t.add_argument("--nproc", type=int, default=1, help="processes for --launcher (train.batch_size stays global)")
+    t.add_argument("--accelerate-config", help="accelerate config file for --launcher accelerate "
+                                               "(see recipes/accelerate/)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("estimate", help="predict training memory per component, before loading any weight")
@@ -151,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # The machine, not peftkit: disk full, read-only file system, quota.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"peftkit: error: {where}cannot write ({e.strerror})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

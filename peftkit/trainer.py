@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
-from . import measure, memory
+from . import distributed as dist
+from . import measure, memory, packing
 from .build import Built
+from .checkpoint import Checkpointer, warn
 from .errors import UserError
+from .nonfinite import NonFiniteGuard
 from .io import atomic_write_json, atomic_write_text, save_safetensors
 from .strategies import count_params
 
@@ -58,38 +61,48 @@ def make_optimizer(model, tc):
 
 
 class Trainer:
-    def __init__(self, built: Built, run_dir: str | Path):
+    def __init__(self, built: Built, run_dir: str | Path, resume: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.b = built
         self.tc = built.recipe.train
         self.run_dir = Path(run_dir)
+        self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
         if self.tc.precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
         self.acc = Accelerator(
             mixed_precision="no" if self.tc.precision == "fp32" else self.tc.precision,
-            gradient_accumulation_steps=self.tc.grad_accum,
+            gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
+            cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
+            dataloader_config=dist.dataloader_config(),
         )
         set_seed(self.tc.seed)
+        dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
+        if note := dist.requested_but_not_used(self.acc):
+            self.acc.print(f"[peftkit] note: {note}")
         self.log_f = None
+        self.tb = None
 
     # -- data -----------------------------------------------------------------------------
-    def _loader(self, ds, batches):
+    def _loader(self, ds, batches, collate=None):
         from torch.utils.data import DataLoader
 
-        return DataLoader(ds, batch_sampler=batches, collate_fn=self.b.task.collate, num_workers=self.tc.num_workers,
-                          persistent_workers=self.tc.num_workers > 0)
+        # Own generator: loaders never draw from the global RNG (dropout), so a resume is exact.
+        return DataLoader(ds, batch_sampler=batches, collate_fn=collate or self.b.task.collate,
+                          num_workers=self.tc.num_workers, persistent_workers=self.tc.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.tc.seed))
 
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
         seed = self.tc.seed * 1000 + epoch
         if self.tc.group_by_length:
-            return length_grouped_batches(ds["length"], self.tc.batch_size, seed)
+            return length_grouped_batches(list(ds["length"]), self.tc.batch_size, seed)
         return shuffled_batches(len(ds), self.tc.batch_size, seed)
 
     def eval_batches(self, ds) -> list[list[int]]:
         # Sorted by length: eval order does not change metrics, and padding costs time.
-        order = sorted(range(len(ds)), key=lambda i: ds["length"][i])
+        lengths = list(ds["length"])
+        order = sorted(range(len(ds)), key=lengths.__getitem__)
         bs = self.tc.batch_size * 2
         return [order[k : k + bs] for k in range(0, len(order), bs)]
 
@@ -98,20 +111,25 @@ class Trainer:
         if self.acc.is_main_process and self.log_f is not None:
             self.log_f.write(json.dumps(rec) + "\n")
             self.log_f.flush()
+            if self.tb is not None:
+                for k, v in _scalars(rec):
+                    self.tb.add_scalar(k, v, rec["step"])
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, model, ds) -> dict:
-        loader = self.acc.prepare(self._loader(ds, self.eval_batches(ds)))
+        shards, keep = dist.eval_shards(self.eval_batches(ds), self.acc.process_index, self.acc.num_processes)
+        loader = dist.device_loader(self._loader(ds, shards), self.acc.device)
         model.eval()
-        preds, refs = [], []
+        items = []
         t0 = time.perf_counter()
         with torch.no_grad(), self.acc.autocast():
-            for batch in loader:
+            for idx, k, batch in zip(shards, keep, loader):
                 p, r = self.b.task.eval_step(model, batch)
-                preds += p
-                refs += r
-        preds = self.acc.gather_for_metrics(preds, use_gather_object=True)
-        refs = self.acc.gather_for_metrics(refs, use_gather_object=True)
+                if k:
+                    items += zip(idx, p, r)
+        # Every example once, in dataset order, whatever the number of processes.
+        items = dist.gather_sorted(self.acc, items)
+        preds, refs = [p for _, p, _ in items], [r for _, _, r in items]
         dt = time.perf_counter() - t0
         model.train()
         m = self.b.task.metrics(preds, refs)
@@ -126,21 +144,27 @@ class Trainer:
         t_start = time.perf_counter()
         data = b.task.datasets()
         data_s = time.perf_counter() - t_start
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if n := b.task.info().get("truncated_examples"):
+            warn(f"{n} example(s) longer than task.max_length={b.recipe.task.max_length} tokens were truncated")
+        ck = Checkpointer(self.acc, self.run_dir, b.recipe, self.resume)
+        resumed = ck.begin()
         if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+            self.tb = _tensorboard(self.run_dir / "tb") if b.recipe.output.tensorboard else None
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
         total = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
         model = b.model
+        trainable, total_params = count_params(model)  # before FSDP/ZeRO shard the parameters
         opt = make_optimizer(model, tc)
         from transformers import get_scheduler
 
         sched = get_scheduler(tc.scheduler, opt, num_warmup_steps=int(tc.warmup_ratio * total), num_training_steps=total)
+        dist.prepare_deepspeed(self.acc, tc)
         model, opt, sched = self.acc.prepare(model, opt, sched)
         if tc.compile:
             model = torch.compile(model)
-        trainable, total_params = count_params(model)
         t_est = time.perf_counter()
         est = self._estimate(train, total)
         estimate_s = time.perf_counter() - t_est
@@ -150,15 +174,29 @@ class Trainer:
 
         timer = measure.StepTimer(warmup=min(3, max(0, total // 5)))
         measure.cuda_reset()
+        guard = NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, self.acc.scaler, warn)
         losses: list[float] = []
         history = []
-        step, epoch, t_train = 0, 0, time.perf_counter()
+        step, epoch, skip, t_train = 0, 0, 0, time.perf_counter()
+        if resumed is not None:  # after prepare: RNG, optimizer and scheduler as they were at that step
+            st = ck.restore(model, b.strategy, opt, sched)
+            step, epoch, skip, losses, history, guard.skips = (
+                st["step"], st["epoch"], st["batches"], st["losses"], st["history"], st["nonfinite_skips"])
+            self.log(event="resumed", step=step, checkpoint=resumed.path.name)
         model.train()
         progress = _progress(total, enabled=tc.progress and self.acc.is_main_process)
-        with measure.PeakRSS() as rss, progress as bar:
+        with measure.PeakRSS() as rss, progress as bar, ck.signals:
             while step < total:
-                loader = self.acc.prepare(self._loader(train, self.train_batches(train, epoch)))
-                it = iter(loader)
+                rank, world = self.acc.process_index, self.acc.num_processes
+                global_batches, local = dist.train_shards(self.train_batches(train, epoch), rank, world)
+                if skip >= len(local):  # resumed exactly at the end of an epoch
+                    epoch, skip = epoch + 1, 0
+                    continue
+                # A resume skips the batches this epoch already used (the data position).
+                global_batches, local, consumed, skip = global_batches[skip:], local[skip:], skip, 0
+                weights = iter([dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)])
+                collate = packing.PaddingFree() if tc.padding_free else None
+                it = iter(dist.device_loader(self._loader(train, local, collate), self.acc.device))
                 while step < total:
                     micro = []
                     for _ in range(tc.grad_accum):
@@ -168,46 +206,70 @@ class Trainer:
                             break
                     if not micro:
                         break
-                    n_samples = sum(len(x["labels"]) for x in micro)
-                    n_tokens = sum(int(x["attention_mask"].sum()) for x in micro)
+                    consumed += len(micro)
+                    counts = [packing.batch_counts(x) for x in micro]
+                    n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts),
+                                                                     sum(c[1] for c in counts)])
+                    # Sync (and step) on the group's last micro-batch, also for a short group at an
+                    # epoch's end; scaled so the gradient is the group's mean.
+                    self.acc.step = tc.grad_accum - len(micro)
+                    group_scale = tc.grad_accum / len(micro)
                     with timer.step(n_samples, n_tokens):
-                        loss_sum = 0.0
+                        loss_sum, ok = 0.0, True
                         for batch in micro:
                             with self.acc.accumulate(model):
                                 with acct.saved.pass_(memory.batch_shape(batch)):
                                     loss = model(**batch).loss
-                                self.acc.backward(loss)
+                                w = next(weights)
+                                s = w * group_scale
+                                self.acc.backward(loss if s == 1.0 else loss * s)
                                 acct.after_backward(model)
-                                loss_sum += loss.detach().float().item()
-                                if self.acc.sync_gradients and tc.max_grad_norm:
-                                    self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                                opt.step()
-                                acct.after_step(model, opt)
-                                sched.step()
+                                loss_sum += loss.detach().float().item() * w
+                                if self.acc.sync_gradients:
+                                    norm = (self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                                            if tc.max_grad_norm else None)
+                                    ok = guard.step_ok(loss_sum, norm, model, step + 1)
+                                if ok:
+                                    opt.step()
+                                    acct.after_step(model, opt)
+                                    sched.step()
                                 opt.zero_grad(set_to_none=True)
                     step += 1
-                    losses.append(loss_sum / len(micro))
+                    loss_sum = dist.reduce_sum(self.acc, [loss_sum])[0] / self.acc.num_processes
+                    if ok:
+                        losses.append(loss_sum / len(micro))
+                    else:
+                        self.log(step=step, epoch=epoch, nonfinite_skipped=guard.skips)
                     if step % tc.log_every == 0 or step == total:
-                        window = losses[-tc.log_every:]
+                        window = losses[-tc.log_every:] or [float("nan")]
                         self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0])
-                    bar.update(step, losses[-1], timer)
+                    bar.update(step, losses[-1] if losses else float("nan"), timer)
                     if tc.eval_every and step % tc.eval_every == 0 and step < total:
                         m = self.evaluate(model, data["validation"])
                         history.append({"step": step, **m})
                         self.log(step=step, eval=m)
+                    ck.step_end(step, model, b.strategy, opt, sched, self.log_f, dict(
+                        step=step, epoch=epoch, batches=consumed, losses=losses, history=history,
+                        nonfinite_skips=guard.skips))
                 epoch += 1
         train_s = time.perf_counter() - t_train
         final = self.evaluate(model, data[tc.eval_split])
         self.log(step=step, eval_final=final)
+        sd = dist.strategy_state_dict(self.acc, model, b.strategy) if b.recipe.output.save_weights else None
         model = self.acc.unwrap_model(model)
         split = {"load_s": b.load_s, "data_s": data_s, "estimate_s": estimate_s, "train_s": train_s,
                  "eval_s": final.get("eval_s")}
         result = self._result(model, trainable, total_params, timer, rss, losses, final, history, split,
                               b.load_s + time.perf_counter() - t_start, len(train), step, epoch)
         result["memory"] = memory.section(est, acct.summary(), result["memory"]["measured"])
+        # Speed numbers cover what this process trained (after a resume: the resumed part).
+        result["speed"]["resumed_from_step"] = resumed.step if resumed is not None else None
+        result["metrics"]["nonfinite_skipped_steps"] = guard.skips
         if self.acc.is_main_process:
-            self._save(model, result)
+            self._save(sd, result)
             self.log_f.close()
+            if self.tb is not None:
+                self.tb.close()
         self.acc.wait_for_everyone()
         self.model = model
         return result
@@ -224,7 +286,8 @@ class Trainer:
                 seen += 1
             epoch += 1
         try:
-            return estimate(self.b.recipe, seq_len=longest, seq_source="longest batch of this run",
+            return estimate(self.b.recipe, batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
+                            seq_len=longest, seq_source="longest batch of this run",
                             task=self.b.task, tokenizer=self.b.tokenizer,
                             device="cuda" if torch.cuda.is_available() else "cpu")
         except Exception as e:  # an estimate must never stop a training run
@@ -239,6 +302,7 @@ class Trainer:
                     "peak_bytes": rss.peak - rss.baseline, **measure.cuda_peaks()}
         if torch.cuda.is_available():
             measured["peak_bytes"] = measured["max_allocated_bytes"]
+        measured = dist.gather_memory(self.acc, measured)
         return {
             "schema": SCHEMA,
             "run": {
@@ -250,6 +314,7 @@ class Trainer:
                 "recipe_hash": b.recipe.hash(),
                 "recipe": b.recipe.to_dict(),
                 "world_size": self.acc.num_processes,
+                "distributed_type": str(self.acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "task": b.task.info(),
@@ -265,18 +330,34 @@ class Trainer:
             "env": measure.environment(),
         }
 
-    def _save(self, model, result):
+    def _save(self, sd, result):
         from .recipe import dump_yaml
 
         d = self.run_dir
         atomic_write_text(d / "recipe.yaml", dump_yaml(self.b.recipe))
-        if self.b.recipe.output.save_weights:
-            sd = self.b.strategy.state_dict(model)
+        if sd is not None:
             save_safetensors(d / "strategy.safetensors", sd)
             result["artifact"] = {"strategy_weights": "strategy.safetensors",
                                   "strategy_bytes": (d / "strategy.safetensors").stat().st_size,
                                   "tensors": len(sd)}
         atomic_write_json(d / "result.json", result)
+
+
+def _tensorboard(path):
+    """A SummaryWriter when tensorboard is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _scalars(rec: dict, prefix: str = ""):
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            yield from _scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and k != "step":
+            yield f"{prefix}{k}", v
 
 
 class _progress:
