@@ -223,11 +223,14 @@ def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bo
     xy = [(a[key] / scale, a["metric"]) for a in pts]
     front = pareto(xy, lower_x_better)
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
+    rank = {i: r for r, i in enumerate(sorted(range(len(xy)), key=lambda i: xy[i]))}
     for i, (a, (x, y)) in enumerate(zip(pts, xy)):
         on = i in front
         ax.errorbar(x, y, yerr=a["metric_std"] or 0, fmt="o", ms=8 if on else 6, capsize=3,
                     color="tab:red" if on else "tab:blue", zorder=3)
-        ax.annotate(a["variant"], (x, y), textcoords="offset points", xytext=(7, 5), fontsize=9)
+        # Neighbours along x get labels above/below in turn so close points stay readable.
+        ax.annotate(a["variant"], (x, y), textcoords="offset points", xytext=(6, 6 if rank[i] % 2 == 0 else -14),
+                    fontsize=9)
     fx = sorted((xy[i] for i in front), key=lambda p: p[0])
     if len(fx) > 1:
         ax.plot([p[0] for p in fx], [p[1] for p in fx], "--", color="tab:red", lw=1.2, zorder=2,
