@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/peftkit train recipes/quickstart.yaml --force
+	$(BIN)/peftkit compare recipes/quickstart/compare.yaml --out runs/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

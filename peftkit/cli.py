@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+
+
+import json
 import logging
 import os
 import sys
@@ -130,6 +133,32 @@ def _relaunch(args, out: Path) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_estimate(args) -> int:
+    from . import recipe as R
+    from .estimate import estimate, render
+
+    r = R.load(args.recipe, args.overrides)
+    est = estimate(r, batch_size=args.batch_size, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(est, indent=2))
+    else:
+        render(est, r)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    return compare(args.recipe, args.out, args.overrides, timeout=args.timeout)
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    report(args.dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning, measured side by side.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -151,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--accelerate-config", help="accelerate config file for --launcher accelerate "
                                                "(see recipes/accelerate/)")
     t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("estimate", help="predict training memory per component, before loading any weight")
+    e.add_argument("recipe")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.name=qlora")
+    e.add_argument("--batch-size", type=int, help="default: train.batch_size")
+    e.add_argument("--seq-len", type=int, help="default: task.max_length (every batch padded to it: an upper bound)")
+    e.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    e.set_defaults(fn=cmd_estimate)
+
+    c = sub.add_parser("compare", help="run every variant of a compare recipe in its own process, then report")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
+    c.add_argument("--out", required=True, help="directory: <out>/<variant>/seed<k>/ and the report")
+    c.add_argument("--timeout", type=float, help="seconds per run (default: none)")
+    c.set_defaults(fn=cmd_compare)
+
+    rp = sub.add_parser("report", help="table + plots from a directory of comparison runs")
+    rp.add_argument("dir")
+    rp.set_defaults(fn=cmd_report)
 
     v = sub.add_parser("validate", help="check recipes without loading weights")
     v.add_argument("recipes", nargs="+")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from . import measure, packing
+from . import measure, memory, packing
 from .build import Built
 from .checkpoint import Checkpointer, warn
 from .errors import UserError
@@ -143,6 +143,7 @@ class Trainer:
         b, tc = self.b, self.tc
         t_start = time.perf_counter()
         data = b.task.datasets()
+        data_s = time.perf_counter() - t_start
         if n := b.task.info().get("truncated_examples"):
             warn(f"{n} example(s) longer than task.max_length={b.recipe.task.max_length} tokens were truncated")
         ck = Checkpointer(self.acc, self.run_dir, b.recipe, self.resume)
@@ -164,6 +165,10 @@ class Trainer:
         model, opt, sched = self.acc.prepare(model, opt, sched)
         if tc.compile:
             model = torch.compile(model)
+        t_est = time.perf_counter()
+        est = self._estimate(train, total)
+        estimate_s = time.perf_counter() - t_est
+        acct = memory.Accountant(model)
         self.acc.print(f"[peftkit] {b.strategy.name}: trainable {trainable:,} / {total_params:,} params "
                        f"({100 * trainable / total_params:.2f}%)")
 
@@ -213,10 +218,12 @@ class Trainer:
                         loss_sum, ok = 0.0, True
                         for batch in micro:
                             with self.acc.accumulate(model):
-                                loss = model(**batch).loss
+                                with acct.saved.pass_(memory.batch_shape(batch)):
+                                    loss = model(**batch).loss
                                 w = next(weights)
                                 s = w * group_scale
                                 self.acc.backward(loss if s == 1.0 else loss * s)
+                                acct.after_backward(model)
                                 loss_sum += loss.detach().float().item() * w
                                 if self.acc.sync_gradients:
                                     norm = (self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
@@ -224,6 +231,7 @@ class Trainer:
                                     ok = guard.step_ok(loss_sum, norm, model, step + 1)
                                 if ok:
                                     opt.step()
+                                    acct.after_step(model, opt)
                                     sched.step()
                                 opt.zero_grad(set_to_none=True)
                     step += 1
@@ -249,8 +257,11 @@ class Trainer:
         self.log(step=step, eval_final=final)
         sd = dist.strategy_state_dict(self.acc, model, b.strategy) if b.recipe.output.save_weights else None
         model = self.acc.unwrap_model(model)
-        result = self._result(model, trainable, total_params, timer, rss, losses, final, history, train_s,
-                              time.perf_counter() - t_start, len(train), step, epoch)
+        split = {"load_s": b.load_s, "data_s": data_s, "estimate_s": estimate_s, "train_s": train_s,
+                 "eval_s": final.get("eval_s")}
+        result = self._result(model, trainable, total_params, timer, rss, losses, final, history, split,
+                              b.load_s + time.perf_counter() - t_start, len(train), step, epoch)
+        result["memory"] = memory.section(est, acct.summary(), result["memory"]["measured"])
         # Speed numbers cover what this process trained (after a resume: the resumed part).
         result["speed"]["resumed_from_step"] = resumed.step if resumed is not None else None
         result["metrics"]["nonfinite_skipped_steps"] = guard.skips
@@ -263,7 +274,26 @@ class Trainer:
         self.model = model
         return result
 
-    def _result(self, model, trainable, total_params, timer, rss, losses, final, history, train_s, wall_s,
+    def _estimate(self, train, total_steps: int) -> dict:
+        """The memory estimate at the longest batch this run will train on (known up front)."""
+        from .estimate import estimate
+
+        lengths = list(train["length"])
+        longest, epoch, seen = 0, 0, 0
+        while seen < total_steps * self.tc.grad_accum:
+            for batch in self.train_batches(train, epoch)[: total_steps * self.tc.grad_accum - seen]:
+                longest = max(longest, max(lengths[i] for i in batch))
+                seen += 1
+            epoch += 1
+        try:
+            return estimate(self.b.recipe, batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
+                            seq_len=longest, seq_source="longest batch of this run",
+                            task=self.b.task, tokenizer=self.b.tokenizer,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        except Exception as e:  # an estimate must never stop a training run
+            return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+    def _result(self, model, trainable, total_params, timer, rss, losses, final, history, split, wall_s,
                 n_train, steps, epochs) -> dict:
         b = self.b
         tail = losses[-max(1, min(len(losses), self.tc.log_every)):]
@@ -291,8 +321,8 @@ class Trainer:
             "params": {"total": total_params, "trainable": trainable,
                        "trainable_pct": 100.0 * trainable / total_params, "can_merge": b.strategy.can_merge},
             "memory": {"measured": measured},
-            "speed": {**timer.summary(), "wall_s": wall_s, "load_s": b.load_s, "train_s": train_s,
-                      "eval_s": final.get("eval_s"), "eval_samples_per_s": final.get("eval_samples_per_s"),
+            "speed": {**timer.summary(), "wall_s": wall_s, **split,
+                      "eval_samples_per_s": final.get("eval_samples_per_s"),
                       "steps": steps, "epochs_started": epochs, "train_examples": n_train},
             "metrics": {"eval": final, "eval_split": self.tc.eval_split, "history": history,
                         "train_loss": sum(tail) / len(tail) if tail else None},

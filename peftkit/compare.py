@@ -1,0 +1,221 @@
+"""Several strategies on the same task, each run in its own process, then one report.
+
+A compare recipe (YAML)::
+
+    name: quickstart
+    base: ../quickstart.yaml          # a recipe file (relative to this file) or an inline mapping
+    set: {train.max_steps: 120}       # shared by every variant: the common budget
+    seeds: [0, 1]
+    variants:
+      - {name: full, set: {strategy.name: full, train.lr: 5.0e-5}}
+      - {name: lora-r16, set: {strategy.name: lora, strategy.r: 16}}
+      - {name: ia3, recipe: ia3.yaml}  # a whole recipe file instead of the base
+
+A variant's recipe = (its ``recipe`` file or the base) + the shared ``set`` + its own ``set``
++ ``train.seed``. Every variant must agree on the task, data order, budget and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from . import recipe as R
+from .config import Section
+from .errors import RecipeError
+from .io import atomic_write_json, atomic_write_text
+
+SCHEMA = "peftkit.compare/1"
+# Keys every variant must share: same data, same order, same budget, same evaluation.
+SHARED = ("task", "train.seed", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum",
+          "train.group_by_length", "train.eval_split", "train.eval_every")
+
+
+class Variant(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    recipe: str | None = None
+    set: dict[str, Any] = {}
+
+
+class CompareRecipe(Section):
+    name: str | None = None
+    base: str | dict | None = None
+    set: dict[str, Any] = {}
+    seeds: list[int] = Field(default=[0], min_length=1)
+    variants: list[Variant] = Field(min_length=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v):
+        names = [x.name for x in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate variant name(s): {', '.join(dup)}")
+        return v
+
+
+def _yaml_value(v) -> str:
+    """A value as YAML text that parses back to itself (``5.0e-05``, not ``5e-05``)."""
+    text = yaml.safe_dump(v, default_flow_style=True, width=10**9).strip()
+    return text.removesuffix("...").strip()
+
+
+def _overrides(d: dict) -> list[str]:
+    return [f"{k}={_yaml_value(v)}" for k, v in d.items()]
+
+
+def _first_diff(a, b, path: str) -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_diff(a.get(k), b.get(k), f"{path}.{k}")
+            if d:
+                return d
+        return None
+    return None if a == b else (path, a, b)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+class Run:
+    def __init__(self, variant: str, seed: int, recipe: R.Recipe, out: Path):
+        self.variant, self.seed, self.recipe = variant, seed, recipe
+        self.dir = out / variant / f"seed{seed}"
+        self.hash = recipe.hash()
+
+    def done(self) -> bool:
+        try:
+            res = json.loads((self.dir / "result.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return res.get("run", {}).get("recipe_hash") == self.hash
+
+
+def load(path: str | Path) -> CompareRecipe:
+    data = R.read_yaml(path)
+    try:
+        return CompareRecipe.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"unknown key '{loc}'" if err["type"] == "extra_forbidden" else f"{loc or 'compare'}: {msg}")
+        raise RecipeError(f"{path}: " + "; ".join(msgs)) from None
+
+
+def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> list[Run]:
+    """Every (variant, seed) as a validated recipe; all errors found before anything runs."""
+    path, out = Path(path), Path(out)
+    cr = load(path)
+    here = path.parent
+
+    def source(rel: str | dict | None, what: str) -> dict:
+        if isinstance(rel, dict):
+            return rel
+        if rel is None:
+            raise RecipeError(f"{path}: {what}: needs a 'recipe' file or a top-level 'base'")
+        return R.read_yaml(here / rel)
+
+    runs, first = [], {}
+    for v in cr.variants:
+        base = source(v.recipe if v.recipe is not None else cr.base, f"variant '{v.name}'")
+        for seed in cr.seeds:
+            ovr = _overrides(cr.set) + _overrides(v.set) + (overrides or []) + [f"train.seed={seed}"]
+            try:
+                rec = R.from_dict(R.apply_overrides(base, ovr), f"{path} variant '{v.name}'")
+            except RecipeError as e:
+                raise RecipeError(str(e)) from None
+            d = rec.to_dict()
+            for key in SHARED:
+                ref = first.setdefault((seed, key), (v.name, _get(d, key)))
+                diff = _first_diff(_get(d, key), ref[1], key)
+                if diff:
+                    raise RecipeError(
+                        f"{path}: variant '{v.name}': {diff[0]}={diff[1]!r} differs from variant '{ref[0]}' "
+                        f"({diff[2]!r}); a comparison needs the same data, order, budget and evaluation: "
+                        f"set it in the top-level 'set'")
+            runs.append(Run(v.name, seed, rec, out))
+    return runs
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def execute(run: Run, timeout: float | None = None) -> dict | None:
+    """Train one run in a fresh process. None on success, else the error record (also written)."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("result.json", "error.json"):
+        (run.dir / stale).unlink(missing_ok=True)
+    rfile = run.dir.parent / f"seed{run.seed}.yaml"
+    atomic_write_text(rfile, R.dump_yaml(run.recipe))
+    cmd = [sys.executable, "-m", "peftkit", "train", str(rfile), "--out", str(run.dir), "--force"]
+    pkg_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": pkg_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = run.dir / "train.log"
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if rc == 0 and run.done():
+        return None
+    err = {"variant": run.variant, "seed": run.seed, "recipe_hash": run.hash, "returncode": rc,
+           "seconds": round(time.perf_counter() - t0, 1), "command": cmd, "log_tail": _tail(log)}
+    lines = [x for x in err["log_tail"].splitlines() if x.strip()]
+    err["message"] = lines[-1] if lines else f"exit code {rc}"
+    atomic_write_json(run.dir / "error.json", err)
+    return err
+
+
+def compare(path: str | Path, out: str | Path, overrides: list[str] | None = None, timeout: float | None = None,
+            echo=print) -> int:
+    runs = plan(path, out, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "compare.json", {
+        "schema": SCHEMA, "compare_recipe": str(path),
+        "variants": list(dict.fromkeys(r.variant for r in runs)),
+        "runs": [{"variant": r.variant, "seed": r.seed, "dir": str(r.dir.relative_to(out)),
+                  "recipe_hash": r.hash, "strategy": r.recipe.strategy.name} for r in runs]})
+    failed = 0
+    for i, run in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
+        if run.done():
+            echo(f"{label}: up to date, skipped ({run.dir / 'result.json'})")
+            continue
+        echo(f"{label}: training in a fresh process …")
+        t0 = time.perf_counter()
+        err = execute(run, timeout)
+        if err is None:
+            from .report import primary
+
+            res = json.loads((run.dir / "result.json").read_text())
+            name, value = primary(res)
+            shown = f"{name} {value:.4f}" if isinstance(value, float) else ""
+            echo(f"{label}: done in {time.perf_counter() - t0:.0f} s; {shown}")
+        else:
+            failed += 1
+            echo(f"{label}: FAILED ({err['message']}); details in {run.dir / 'error.json'}")
+    from .report import report
+
+    report(out, echo=echo)
+    if failed:
+        echo(f"{failed} of {len(runs)} run(s) failed")
+    return 1 if failed else 0

@@ -1,0 +1,104 @@
+import json
+import shutil
+
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_recipe
+from peftkit import compare as C
+from peftkit.errors import RecipeError
+from peftkit.report import pareto
+
+
+def _compare_file(tmp_path, tiny_models, sentiment_dir, variants, **extra):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_recipe(tiny_models["bert"], sentiment_dir, "lora", max_steps=3)))
+    f = tmp_path / "compare.yaml"
+    f.write_text(yaml.safe_dump({"base": "base.yaml", "seeds": [0], "variants": variants, **extra}))
+    return f
+
+
+def test_compare_runs_skips_and_records_failures(tiny_models, sentiment_dir, tmp_path):
+    broken = tmp_path / "broken-model"  # a config but no weights: fails at load time, in its process
+    broken.mkdir()
+    shutil.copy(tiny_models["bert"] / "config.json", broken)
+    f = _compare_file(tmp_path, tiny_models, sentiment_dir, [
+        {"name": "full", "set": {"strategy.name": "full", "train.lr": 1.0e-4}},
+        {"name": "broken", "set": {"model.name": str(broken)}},
+        {"name": "lora-r4", "set": {"strategy.name": "lora", "strategy.r": 4}},
+    ])
+    out = tmp_path / "out"
+    p = run_cli("compare", str(f), "--out", str(out))
+    assert p.returncode == 1, p.stderr  # one failed run -> non-zero, the others still ran
+    for v in ("full", "lora-r4"):
+        res = json.loads((out / v / "seed0" / "result.json").read_text())
+        assert res["speed"]["steps"] == 3 and res["run"]["seed"] == 0
+        mem = res["memory"]
+        assert {"estimate", "accounting", "measured", "errors"} <= set(mem)
+        assert abs(mem["errors"]["estimate_vs_accounting"]) < 0.15
+    err = json.loads((out / "broken" / "seed0" / "error.json").read_text())
+    assert err["returncode"] == 2 and "broken-model" in err["message"]
+    assert not (out / "broken" / "seed0" / "result.json").exists()
+    for name in ("report.md", "report.json", "accuracy_vs_memory.png", "accuracy_vs_speed.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "| full |" in md and "| lora-r4 (lora) |" in md and "x |" in md and "broken seed 0" in md
+    rep = json.loads((out / "report.json").read_text())
+    assert [v["variant"] for v in rep["variants"]] == ["full", "lora-r4"] and rep["baseline"] == "full"
+    lora = rep["variants"][1]
+    assert lora["vs_full"]["trainable"] < 0.1 and lora["trainable"] < rep["variants"][0]["trainable"]
+
+    mtime = (out / "full" / "seed0" / "result.json").stat().st_mtime_ns
+    p = run_cli("compare", str(f), "--out", str(out))
+    assert p.returncode == 1
+    assert p.stdout.count("up to date, skipped") == 2  # only the failed run is tried again
+    assert (out / "full" / "seed0" / "result.json").stat().st_mtime_ns == mtime
+
+    p = run_cli("report", str(out))
+    assert p.returncode == 0 and "lora-r4" in p.stdout
+
+
+def test_compare_validates_every_variant_up_front(tiny_models, sentiment_dir, tmp_path):
+    f = _compare_file(tmp_path, tiny_models, sentiment_dir, [
+        {"name": "a", "set": {"strategy.name": "lora"}},
+        {"name": "b", "set": {"strategy.name": "lora", "strategy.rank": 4}},
+    ])
+    with pytest.raises(RecipeError, match=r"variant 'b'.*unknown key 'strategy.rank'"):
+        C.plan(f, tmp_path / "o")
+    f = _compare_file(tmp_path, tiny_models, sentiment_dir, [
+        {"name": "a", "set": {"strategy.name": "lora"}},
+        {"name": "b", "set": {"strategy.name": "full", "train.batch_size": 4}},
+    ])
+    with pytest.raises(RecipeError, match=r"variant 'b': train.batch_size=4 differs from variant 'a'"):
+        C.plan(f, tmp_path / "o")
+    f.write_text(yaml.safe_dump({"base": "base.yaml", "variants": [{"name": "a", "sett": {}}]}))
+    p = run_cli("compare", str(f), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "variants.0.sett" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing ran, nothing written
+
+
+def test_plan_seeds_and_hashes(tiny_models, sentiment_dir, tmp_path):
+    f = _compare_file(tmp_path, tiny_models, sentiment_dir, [{"name": "full", "set": {"strategy.name": "full"}}],
+                      seeds=[0, 1], set={"train.lr": 3.0e-4})
+    runs = C.plan(f, tmp_path / "o")
+    assert [(r.variant, r.seed, r.recipe.train.seed, r.recipe.train.lr) for r in runs] == [
+        ("full", 0, 0, 3.0e-4), ("full", 1, 1, 3.0e-4)]
+    assert runs[0].hash != runs[1].hash and str(runs[1].dir).endswith("full/seed1")
+
+
+def test_pareto_front():
+    # (memory, accuracy): lower memory and higher accuracy are better.
+    pts = [(100, 0.80), (50, 0.79), (60, 0.70), (200, 0.81)]
+    assert pareto(pts, lower_x_better=True) == [0, 1, 3]
+    # (throughput, accuracy): higher is better on both axes.
+    assert pareto([(10, 0.8), (20, 0.7), (5, 0.6)], lower_x_better=False) == [0, 1]
+
+
+def test_shipped_compare_recipes_validate(tmp_path):
+    from conftest import ROOT
+
+    shipped = sorted((ROOT / "recipes").rglob("compare*.yaml"))
+    assert shipped
+    for f in shipped:
+        runs = C.plan(f, tmp_path / "o")
+        assert len({r.variant for r in runs}) >= 3 and all(r.recipe.train.max_steps for r in runs)
