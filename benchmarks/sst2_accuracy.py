@@ -105,7 +105,7 @@ def main(argv=None):
     env = common.environment()
     t0 = time.time()
     if not args.table_only:
-        cmd = [sys.executable, "-m", "peftkit", "compare", str(args.compare), "--out", str(args.runs), *overrides]
+        cmd = [sys.executable, "-m", "peftkit", "compare", str(args.compare), *overrides, "--out", str(args.runs)]
         print("$", " ".join(cmd), flush=True)
         penv = {**os.environ, "PYTHONPATH": str(common.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         rc = subprocess.run(cmd, cwd=common.ROOT, env=penv).returncode
