@@ -68,8 +68,9 @@ def cmd_train(args) -> int:
     m = res["metrics"]["eval"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.startswith("eval_"))
     sps = res["speed"]["train_samples_per_s"]
+    speed = f"{sps:.1f} samples/s" if sps else "no training steps"
     print(f"[peftkit] done: {shown} on {res['metrics']['eval_split']} ({m['examples']} examples); "
-          f"{sps:.1f} samples/s; result: {out / 'result.json'}")
+          f"{speed}; result: {out / 'result.json'}")
     return 0
 
 

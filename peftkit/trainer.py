@@ -130,7 +130,7 @@ class Trainer:
             self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
-        total = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+        total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(steps_per_epoch * tc.epochs))
         model = b.model
         opt = make_optimizer(model, tc)
         from transformers import get_scheduler
@@ -231,6 +231,7 @@ class Trainer:
                       "eval_s": final.get("eval_s"), "eval_samples_per_s": final.get("eval_samples_per_s"),
                       "steps": steps, "epochs_started": epochs, "train_examples": n_train},
             "metrics": {"eval": final, "eval_split": self.tc.eval_split, "history": history,
+                        "primary_metric": b.task.primary_metric,
                         "train_loss": sum(tail) / len(tail) if tail else None},
             "artifact": {},
             "env": measure.environment(),
