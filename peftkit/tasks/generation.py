@@ -44,10 +44,10 @@ class GenerationConfig(TaskConfig):
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
         except ValueError as e:
-            raise ValueError(f"task.prompt: not a valid template ({e}); use {{column}} placeholders, "
+            raise ValueError(f"not a valid template ({e}); use {{column}} placeholders, "
                              "{{ and }} for literal braces") from None
         if any(not f or not f.isidentifier() for f in fields):
-            raise ValueError("task.prompt: placeholders must be column names, e.g. {text}")
+            raise ValueError("placeholders must be column names, e.g. {text}")
         return v
 
     @model_validator(mode="after")
@@ -136,6 +136,13 @@ class GenerationTask(Task):
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if self.eos_id is None:
             raise DataError("model.name: the tokenizer has no eos (or sep) token to end a response with")
+
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        if recipe.strategy.name == "freeze":
+            return [f"strategy 'freeze' trains only a new task head, and task '{cls.kind}' has none "
+                    "(it generates with the pretrained LM head); use lora, ia3 or full"]
+        return []
 
     def rows(self) -> dict[str, tuple[list[str], list[list[str]]]]:
         """Per split: prompts and references (the first reference is the training target)."""

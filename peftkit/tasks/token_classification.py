@@ -21,7 +21,7 @@ class TokenClassificationConfig(TaskConfig):
     kind: Literal["token_classification"] = "token_classification"
     tokens_column: str = "tokens"
     tags_column: str = "tags"
-    labels: list[str] | None = None  # tag names in id order; None = sorted tags of train ("O" first)
+    labels: list[str] | None = None  # tag names in id order; None = the tags of all splits, sorted ("O" first)
 
 
 def _sort_tags(tags: set[str]) -> list[str]:
@@ -53,7 +53,8 @@ class TokenClassification(Task):
             for split, ds in self._raw.items():
                 require_columns(ds, [c.tokens_column, c.tags_column], self._where(split))
             if self.labels is None:
-                self.labels = _sort_tags({t for row in self._raw["train"][c.tags_column] for t in row})
+                # All splits: a tag missing from a (sub-sampled) train split is still a class.
+                self.labels = _sort_tags({t for ds in self._raw.values() for row in ds[c.tags_column] for t in row})
         return self._raw
 
     def _where(self, split: str) -> str:
