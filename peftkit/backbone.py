@@ -102,9 +102,17 @@ def quantization_config(mc, skip: list[str]):
         bnb_4bit_quant_type=mc.quant_type,
         bnb_4bit_use_double_quant=mc.double_quant,
         bnb_4bit_compute_dtype=DTYPES[mc.compute_dtype],
+        **_fsdp_quant_storage(mc),
         # The new task head stays out of quantization: it must train in full precision.
         llm_int8_skip_modules=skip or None,
     )
+
+
+def _fsdp_quant_storage(mc) -> dict:
+    # FSDP shards 4-bit weights only if their storage dtype matches the other parameters'.
+    from .distributed import fsdp_requested
+
+    return {"bnb_4bit_quant_storage": DTYPES[mc.dtype]} if fsdp_requested() else {}
 
 
 def load_tokenizer(mc):
@@ -165,4 +173,7 @@ def load(mc, task, tokenizer=None) -> Loaded:
 
 
 def _device_for_quantized() -> str | int:
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    # Under DDP every rank holds a whole copy: on its own GPU (LOCAL_RANK), not all on GPU 0.
+    from .distributed import quantized_device
+
+    return quantized_device()

@@ -25,6 +25,10 @@ class Built:
 
 def build(recipe: Recipe, apply_strategy: bool = True) -> Built:
     t0 = time.perf_counter()
+    # New heads and adapters are initialised from the recipe's seed: same start on every rank and run.
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.train.seed)
     tokenizer = backbone.load_tokenizer(recipe.model)
     task = tasks.get(recipe.task, tokenizer)
     loaded = backbone.load(recipe.model, task, tokenizer)

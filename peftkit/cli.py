@@ -54,17 +54,27 @@ def _check_out_dir(out: Path, force: bool) -> None:
 def cmd_train(args) -> int:
     from . import recipe as R
 
+    from . import distributed as dist
+
     r = R.load(args.recipe, args.overrides)
-    if args.print_config or args.dry_run:
+    if (args.print_config or args.dry_run) and dist.env_rank() == 0:
         print(R.dump_yaml(r), end="")
-        if args.dry_run:
-            return 0
+    if args.dry_run:
+        return 0
     out = Path(args.out or r.run_dir())
-    _check_out_dir(out, args.force)
+
+    if dist.env_rank() == 0:  # other ranks would find rank 0's files and refuse
+        _check_out_dir(out, args.force)
+    if args.launcher != "none" and not dist.launched():
+        return _relaunch(args, out)
+    if dist.env_rank() != 0:
+        dist.quiet_rank()
     from .build import build
     from .trainer import Trainer
 
     res = Trainer(build(r), out).fit()
+    if dist.env_rank() != 0:
+        return 0
     m = res["metrics"]["eval"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.startswith("eval_"))
     sps = res["speed"]["train_samples_per_s"]
@@ -72,6 +82,19 @@ def cmd_train(args) -> int:
     print(f"[peftkit] done: {shown} on {res['metrics']['eval_split']} ({m['examples']} examples); "
           f"{speed}; result: {out / 'result.json'}")
     return 0
+
+
+def _relaunch(args, out: Path) -> int:
+    """Run this train command in ``--nproc`` processes under torchrun / accelerate launch."""
+    import subprocess
+
+    from . import distributed as dist
+
+    argv = ["train", args.recipe, *args.overrides, "--out", str(out)]
+    argv += ["--force"] if args.force else []
+    cmd = dist.launch_command(argv, args.launcher, args.nproc, args.accelerate_config)
+    print(f"[peftkit] launching: {dist.format_command(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="write into a non-empty run directory")
     t.add_argument("--print-config", action="store_true", help="print the resolved recipe first")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
+    t.add_argument("--launcher", choices=["none", "torchrun", "accelerate"], default="none",
+                   help="start --nproc training processes (DDP; FSDP/DeepSpeed via --accelerate-config)")
+    t.add_argument("--nproc", type=int, default=1, help="processes for --launcher (train.batch_size stays global)")
+    t.add_argument("--accelerate-config", help="accelerate config file for --launcher accelerate "
+                                               "(see recipes/accelerate/)")
     t.set_defaults(fn=cmd_train)
 
     v = sub.add_parser("validate", help="check recipes without loading weights")

@@ -38,7 +38,7 @@ class TrainConfig(Section):
     seed: int = 0
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=0)  # overrides epochs when set; 0 = evaluate the untrained model
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # GLOBAL: summed over processes (each gets batch_size / N)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -53,13 +53,14 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     compile: bool = False
+    padding_free: bool = False  # causal LM: one row per batch, no padding (fastest with flash_attention_2)
     progress: bool = True
 
 
 class OutputConfig(Section):
     dir: str = "runs/{task}-{strategy}"
     save_weights: bool = True
-    tensorboard: bool = False
+    tensorboard: bool = True  # TensorBoard events in RUN_DIR/tb when tensorboard is installed
 
 
 def _union(configs: list[type], tag: str):

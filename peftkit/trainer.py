@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import measure
+from . import distributed as dist
+from . import measure, packing
 from .build import Built
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, save_safetensors
@@ -69,27 +70,34 @@ class Trainer:
             raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
         self.acc = Accelerator(
             mixed_precision="no" if self.tc.precision == "fp32" else self.tc.precision,
-            gradient_accumulation_steps=self.tc.grad_accum,
+            gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
+            cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
+            dataloader_config=dist.dataloader_config(),
         )
         set_seed(self.tc.seed)
+        dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
+        if note := dist.requested_but_not_used(self.acc):
+            self.acc.print(f"[peftkit] note: {note}")
         self.log_f = None
+        self.tb = None
 
     # -- data -----------------------------------------------------------------------------
-    def _loader(self, ds, batches):
+    def _loader(self, ds, batches, collate=None):
         from torch.utils.data import DataLoader
 
-        return DataLoader(ds, batch_sampler=batches, collate_fn=self.b.task.collate, num_workers=self.tc.num_workers,
-                          persistent_workers=self.tc.num_workers > 0)
+        return DataLoader(ds, batch_sampler=batches, collate_fn=collate or self.b.task.collate,
+                          num_workers=self.tc.num_workers, persistent_workers=self.tc.num_workers > 0)
 
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
         seed = self.tc.seed * 1000 + epoch
         if self.tc.group_by_length:
-            return length_grouped_batches(ds["length"], self.tc.batch_size, seed)
+            return length_grouped_batches(list(ds["length"]), self.tc.batch_size, seed)
         return shuffled_batches(len(ds), self.tc.batch_size, seed)
 
     def eval_batches(self, ds) -> list[list[int]]:
         # Sorted by length: eval order does not change metrics, and padding costs time.
-        order = sorted(range(len(ds)), key=lambda i: ds["length"][i])
+        lengths = list(ds["length"])
+        order = sorted(range(len(ds)), key=lengths.__getitem__)
         bs = self.tc.batch_size * 2
         return [order[k : k + bs] for k in range(0, len(order), bs)]
 
@@ -98,20 +106,25 @@ class Trainer:
         if self.acc.is_main_process and self.log_f is not None:
             self.log_f.write(json.dumps(rec) + "\n")
             self.log_f.flush()
+            if self.tb is not None:
+                for k, v in _scalars(rec):
+                    self.tb.add_scalar(k, v, rec["step"])
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, model, ds) -> dict:
-        loader = self.acc.prepare(self._loader(ds, self.eval_batches(ds)))
+        shards, keep = dist.eval_shards(self.eval_batches(ds), self.acc.process_index, self.acc.num_processes)
+        loader = dist.device_loader(self._loader(ds, shards), self.acc.device)
         model.eval()
-        preds, refs = [], []
+        items = []
         t0 = time.perf_counter()
         with torch.no_grad(), self.acc.autocast():
-            for batch in loader:
+            for idx, k, batch in zip(shards, keep, loader):
                 p, r = self.b.task.eval_step(model, batch)
-                preds += p
-                refs += r
-        preds = self.acc.gather_for_metrics(preds, use_gather_object=True)
-        refs = self.acc.gather_for_metrics(refs, use_gather_object=True)
+                if k:
+                    items += zip(idx, p, r)
+        # Every example once, in dataset order, whatever the number of processes.
+        items = dist.gather_sorted(self.acc, items)
+        preds, refs = [p for _, p, _ in items], [r for _, _, r in items]
         dt = time.perf_counter() - t0
         model.train()
         m = self.b.task.metrics(preds, refs)
@@ -125,21 +138,23 @@ class Trainer:
         b, tc = self.b, self.tc
         t_start = time.perf_counter()
         data = b.task.datasets()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+            self.tb = _tensorboard(self.run_dir / "tb") if b.recipe.output.tensorboard else None
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
         total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(steps_per_epoch * tc.epochs))
         model = b.model
+        trainable, total_params = count_params(model)  # before FSDP/ZeRO shard the parameters
         opt = make_optimizer(model, tc)
         from transformers import get_scheduler
 
         sched = get_scheduler(tc.scheduler, opt, num_warmup_steps=int(tc.warmup_ratio * total), num_training_steps=total)
+        dist.prepare_deepspeed(self.acc, tc)
         model, opt, sched = self.acc.prepare(model, opt, sched)
         if tc.compile:
             model = torch.compile(model)
-        trainable, total_params = count_params(model)
         self.acc.print(f"[peftkit] {b.strategy.name}: trainable {trainable:,} / {total_params:,} params "
                        f"({100 * trainable / total_params:.2f}%)")
 
@@ -152,8 +167,11 @@ class Trainer:
         progress = _progress(total, enabled=tc.progress and self.acc.is_main_process)
         with measure.PeakRSS() as rss, progress as bar:
             while step < total:
-                loader = self.acc.prepare(self._loader(train, self.train_batches(train, epoch)))
-                it = iter(loader)
+                rank, world = self.acc.process_index, self.acc.num_processes
+                global_batches, local = dist.train_shards(self.train_batches(train, epoch), rank, world)
+                weights = iter([dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)])
+                collate = packing.PaddingFree() if tc.padding_free else None
+                it = iter(dist.device_loader(self._loader(train, local, collate), self.acc.device))
                 while step < total:
                     micro = []
                     for _ in range(tc.grad_accum):
@@ -163,21 +181,29 @@ class Trainer:
                             break
                     if not micro:
                         break
-                    n_samples = sum(len(x["labels"]) for x in micro)
-                    n_tokens = sum(int(x["attention_mask"].sum()) for x in micro)
+                    counts = [packing.batch_counts(x) for x in micro]
+                    n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts),
+                                                                     sum(c[1] for c in counts)])
+                    # Sync (and step) on the group's last micro-batch, also for a short group at an
+                    # epoch's end; scaled so the gradient is the group's mean.
+                    self.acc.step = tc.grad_accum - len(micro)
+                    group_scale = tc.grad_accum / len(micro)
                     with timer.step(n_samples, n_tokens):
                         loss_sum = 0.0
                         for batch in micro:
                             with self.acc.accumulate(model):
                                 loss = model(**batch).loss
-                                self.acc.backward(loss)
-                                loss_sum += loss.detach().float().item()
+                                w = next(weights)
+                                s = w * group_scale
+                                self.acc.backward(loss if s == 1.0 else loss * s)
+                                loss_sum += loss.detach().float().item() * w
                                 if self.acc.sync_gradients and tc.max_grad_norm:
                                     self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                                 opt.step()
                                 sched.step()
                                 opt.zero_grad(set_to_none=True)
                     step += 1
+                    loss_sum = dist.reduce_sum(self.acc, [loss_sum])[0] / self.acc.num_processes
                     losses.append(loss_sum / len(micro))
                     if step % tc.log_every == 0 or step == total:
                         window = losses[-tc.log_every:]
@@ -191,12 +217,15 @@ class Trainer:
         train_s = time.perf_counter() - t_train
         final = self.evaluate(model, data[tc.eval_split])
         self.log(step=step, eval_final=final)
+        sd = dist.strategy_state_dict(self.acc, model, b.strategy) if b.recipe.output.save_weights else None
         model = self.acc.unwrap_model(model)
         result = self._result(model, trainable, total_params, timer, rss, losses, final, history, train_s,
                               time.perf_counter() - t_start, len(train), step, epoch)
         if self.acc.is_main_process:
-            self._save(model, result)
+            self._save(sd, result)
             self.log_f.close()
+            if self.tb is not None:
+                self.tb.close()
         self.acc.wait_for_everyone()
         self.model = model
         return result
@@ -210,6 +239,7 @@ class Trainer:
                     "peak_bytes": rss.peak - rss.baseline, **measure.cuda_peaks()}
         if torch.cuda.is_available():
             measured["peak_bytes"] = measured["max_allocated_bytes"]
+        measured = dist.gather_memory(self.acc, measured)
         return {
             "schema": SCHEMA,
             "run": {
@@ -221,6 +251,7 @@ class Trainer:
                 "recipe_hash": b.recipe.hash(),
                 "recipe": b.recipe.to_dict(),
                 "world_size": self.acc.num_processes,
+                "distributed_type": str(self.acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "task": b.task.info(),
@@ -237,18 +268,34 @@ class Trainer:
             "env": measure.environment(),
         }
 
-    def _save(self, model, result):
+    def _save(self, sd, result):
         from .recipe import dump_yaml
 
         d = self.run_dir
         atomic_write_text(d / "recipe.yaml", dump_yaml(self.b.recipe))
-        if self.b.recipe.output.save_weights:
-            sd = self.b.strategy.state_dict(model)
+        if sd is not None:
             save_safetensors(d / "strategy.safetensors", sd)
             result["artifact"] = {"strategy_weights": "strategy.safetensors",
                                   "strategy_bytes": (d / "strategy.safetensors").stat().st_size,
                                   "tensors": len(sd)}
         atomic_write_json(d / "result.json", result)
+
+
+def _tensorboard(path):
+    """A SummaryWriter when tensorboard is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _scalars(rec: dict, prefix: str = ""):
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            yield from _scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and k != "step":
+            yield f"{prefix}{k}", v
 
 
 class _progress:

@@ -10,7 +10,8 @@ assistant turn marker) stay.
 tokens: no padding, labels stay -100 on every prompt so no loss crosses an example border.
 Attention is NOT reset at borders: a token sees the earlier examples of its block as
 context (the usual "naive" packing; it changes what the model conditions on, a little).
-Evaluation never packs.
+``train.padding_free: true`` is the exact alternative: examples joined per batch with
+restarting position ids, so each attends only to itself. Evaluation never packs.
 """
 
 from __future__ import annotations

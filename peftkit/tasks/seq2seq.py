@@ -22,6 +22,13 @@ class Seq2Seq(GenerationTask):
     kind = "seq2seq"
     Config = Seq2SeqConfig
 
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        problems = super().check(recipe)
+        if getattr(recipe.train, "padding_free", False):
+            problems.append("train.padding_free is for causal_lm tasks, not seq2seq")
+        return problems
+
     def auto_class(self):
         from transformers import AutoModelForSeq2SeqLM
 

@@ -41,6 +41,12 @@ class TokenClassification(Task):
         self.truncated = 0
         self._raw = None
 
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        if getattr(recipe.train, "padding_free", False):
+            return ["train.padding_free is for causal_lm tasks (an encoder would attend across the joined sentences)"]
+        return []
+
     def auto_class(self):
         from transformers import AutoModelForTokenClassification
 
