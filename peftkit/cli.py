@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -19,6 +20,8 @@ def _quiet():
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("bitsandbytes", "transformers", "accelerate", "datasets", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # datasets logs parse failures as ERROR before raising; peftkit reports them as one line.
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 def cmd_validate(args) -> int:
@@ -38,19 +41,6 @@ def cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create directory ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: directory is not writable")
-
-
 def cmd_train(args) -> int:
     from . import recipe as R
 
@@ -62,9 +52,13 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out or r.run_dir())
+    from .checkpoint import check_run_dir
 
-    if dist.env_rank() == 0:  # other ranks would find rank 0's files and refuse
-        _check_out_dir(out, args.force)
+    # Resuming is automatic: a run dir with checkpoints of this recipe continues where it stopped.
+    # Rank 0 decides (other ranks would find its files); the trainer shares its choice.
+    mode = "resume"
+    if dist.env_rank() == 0:
+        mode = check_run_dir(out, r.hash(), args.force, resume=not args.no_resume)
     if args.launcher != "none" and not dist.launched():
         return _relaunch(args, out)
     if dist.env_rank() != 0:
@@ -72,15 +66,15 @@ def cmd_train(args) -> int:
     from .build import build
     from .trainer import Trainer
 
-    res = Trainer(build(r), out).fit()
+    res = Trainer(build(r), out, resume=mode == "resume").fit()
     if dist.env_rank() != 0:
         return 0
     m = res["metrics"]["eval"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.startswith("eval_"))
     sps = res["speed"]["train_samples_per_s"]
-    speed = f"{sps:.1f} samples/s" if sps else "no training steps"
+    speed = f"{sps:.1f} samples/s; " if sps else ""
     print(f"[peftkit] done: {shown} on {res['metrics']['eval_split']} ({m['examples']} examples); "
-          f"{speed}; result: {out / 'result.json'}")
+          f"{speed}result: {out / 'result.json'}")
     return 0
 
 
@@ -92,6 +86,7 @@ def _relaunch(args, out: Path) -> int:
 
     argv = ["train", args.recipe, *args.overrides, "--out", str(out)]
     argv += ["--force"] if args.force else []
+    argv += ["--no-resume"] if args.no_resume else []
     cmd = dist.launch_command(argv, args.launcher, args.nproc, args.accelerate_config)
     print(f"[peftkit] launching: {dist.format_command(cmd)}", file=sys.stderr)
     return subprocess.call(cmd)
@@ -105,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 strategy.r=16")
     t.add_argument("--out", help="run directory (default: output.dir of the recipe)")
-    t.add_argument("--force", action="store_true", help="write into a non-empty run directory")
+    t.add_argument("--force", action="store_true",
+                   help="use a non-empty run directory: a finished run or another recipe's files there "
+                        "are discarded (checkpoints of this recipe are still resumed)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even if the run directory has checkpoints of this recipe")
     t.add_argument("--print-config", action="store_true", help="print the resolved recipe first")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
     t.add_argument("--launcher", choices=["none", "torchrun", "accelerate"], default="none",
@@ -134,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # The machine, not peftkit: disk full, read-only file system, quota.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"peftkit: error: {where}cannot write ({e.strerror})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,3 +17,9 @@ class DataError(UserError):
 
 class AssetMissing(UserError):
     pass
+
+
+class TrainingFailed(UserError):
+    """The run itself failed (e.g. non-finite loss): one line, exit code 1, not a usage error."""
+
+    exit_code = 1

@@ -7,6 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
+
+class WriteError(UserError):
+    """The file could not be written (disk full, read-only, ...); nothing half-written is left."""
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
@@ -18,11 +24,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise WriteError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
 
 

@@ -55,6 +55,10 @@ class TrainConfig(Section):
     compile: bool = False
     padding_free: bool = False  # causal LM: one row per batch, no padding (fastest with flash_attention_2)
     progress: bool = True
+    checkpoint_every: int | None = Field(200, ge=1)  # steps; None = only on SIGINT/SIGTERM
+    keep_checkpoints: int = Field(2, ge=1)
+    nonfinite: Literal["skip", "stop"] = "skip"  # NaN/Inf loss or gradients
+    max_nonfinite_skips: int = Field(10, ge=0)
 
 
 class OutputConfig(Section):
@@ -106,13 +110,20 @@ class Recipe(Section):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """Stable hash of the resolved recipe, without output settings (where it is written)."""
+        """Stable hash of the resolved recipe, without output settings (where/how often it is written)."""
         d = self.to_dict()
         d.pop("output", None)
+        for section, keys in _NOT_HASHED.items():
+            for k in keys:
+                d[section].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> str:
         return self.output.dir.format(task=self.task.kind, strategy=self.strategy.name, name=self.name or "run")
+
+
+# Settings that change where or how often things are written, never the trained weights.
+_NOT_HASHED = {"train": ("checkpoint_every", "keep_checkpoints", "progress")}
 
 
 # -- loading ------------------------------------------------------------------------------

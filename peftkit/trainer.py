@@ -17,7 +17,9 @@ import torch
 from . import distributed as dist
 from . import measure, packing
 from .build import Built
+from .checkpoint import Checkpointer, warn
 from .errors import UserError
+from .nonfinite import NonFiniteGuard
 from .io import atomic_write_json, atomic_write_text, save_safetensors
 from .strategies import count_params
 
@@ -59,13 +61,14 @@ def make_optimizer(model, tc):
 
 
 class Trainer:
-    def __init__(self, built: Built, run_dir: str | Path):
+    def __init__(self, built: Built, run_dir: str | Path, resume: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.b = built
         self.tc = built.recipe.train
         self.run_dir = Path(run_dir)
+        self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
         if self.tc.precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
         self.acc = Accelerator(
@@ -85,8 +88,10 @@ class Trainer:
     def _loader(self, ds, batches, collate=None):
         from torch.utils.data import DataLoader
 
+        # Own generator: loaders never draw from the global RNG (dropout), so a resume is exact.
         return DataLoader(ds, batch_sampler=batches, collate_fn=collate or self.b.task.collate,
-                          num_workers=self.tc.num_workers, persistent_workers=self.tc.num_workers > 0)
+                          num_workers=self.tc.num_workers, persistent_workers=self.tc.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.tc.seed))
 
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
         seed = self.tc.seed * 1000 + epoch
@@ -138,6 +143,10 @@ class Trainer:
         b, tc = self.b, self.tc
         t_start = time.perf_counter()
         data = b.task.datasets()
+        if n := b.task.info().get("truncated_examples"):
+            warn(f"{n} example(s) longer than task.max_length={b.recipe.task.max_length} tokens were truncated")
+        ck = Checkpointer(self.acc, self.run_dir, b.recipe, self.resume)
+        resumed = ck.begin()
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
@@ -160,15 +169,26 @@ class Trainer:
 
         timer = measure.StepTimer(warmup=min(3, max(0, total // 5)))
         measure.cuda_reset()
+        guard = NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, self.acc.scaler, warn)
         losses: list[float] = []
         history = []
-        step, epoch, t_train = 0, 0, time.perf_counter()
+        step, epoch, skip, t_train = 0, 0, 0, time.perf_counter()
+        if resumed is not None:  # after prepare: RNG, optimizer and scheduler as they were at that step
+            st = ck.restore(model, b.strategy, opt, sched)
+            step, epoch, skip, losses, history, guard.skips = (
+                st["step"], st["epoch"], st["batches"], st["losses"], st["history"], st["nonfinite_skips"])
+            self.log(event="resumed", step=step, checkpoint=resumed.path.name)
         model.train()
         progress = _progress(total, enabled=tc.progress and self.acc.is_main_process)
-        with measure.PeakRSS() as rss, progress as bar:
+        with measure.PeakRSS() as rss, progress as bar, ck.signals:
             while step < total:
                 rank, world = self.acc.process_index, self.acc.num_processes
                 global_batches, local = dist.train_shards(self.train_batches(train, epoch), rank, world)
+                if skip >= len(local):  # resumed exactly at the end of an epoch
+                    epoch, skip = epoch + 1, 0
+                    continue
+                # A resume skips the batches this epoch already used (the data position).
+                global_batches, local, consumed, skip = global_batches[skip:], local[skip:], skip, 0
                 weights = iter([dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)])
                 collate = packing.PaddingFree() if tc.padding_free else None
                 it = iter(dist.device_loader(self._loader(train, local, collate), self.acc.device))
@@ -181,6 +201,7 @@ class Trainer:
                             break
                     if not micro:
                         break
+                    consumed += len(micro)
                     counts = [packing.batch_counts(x) for x in micro]
                     n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts),
                                                                      sum(c[1] for c in counts)])
@@ -189,7 +210,7 @@ class Trainer:
                     self.acc.step = tc.grad_accum - len(micro)
                     group_scale = tc.grad_accum / len(micro)
                     with timer.step(n_samples, n_tokens):
-                        loss_sum = 0.0
+                        loss_sum, ok = 0.0, True
                         for batch in micro:
                             with self.acc.accumulate(model):
                                 loss = model(**batch).loss
@@ -197,22 +218,31 @@ class Trainer:
                                 s = w * group_scale
                                 self.acc.backward(loss if s == 1.0 else loss * s)
                                 loss_sum += loss.detach().float().item() * w
-                                if self.acc.sync_gradients and tc.max_grad_norm:
-                                    self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                                opt.step()
-                                sched.step()
+                                if self.acc.sync_gradients:
+                                    norm = (self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                                            if tc.max_grad_norm else None)
+                                    ok = guard.step_ok(loss_sum, norm, model, step + 1)
+                                if ok:
+                                    opt.step()
+                                    sched.step()
                                 opt.zero_grad(set_to_none=True)
                     step += 1
                     loss_sum = dist.reduce_sum(self.acc, [loss_sum])[0] / self.acc.num_processes
-                    losses.append(loss_sum / len(micro))
+                    if ok:
+                        losses.append(loss_sum / len(micro))
+                    else:
+                        self.log(step=step, epoch=epoch, nonfinite_skipped=guard.skips)
                     if step % tc.log_every == 0 or step == total:
-                        window = losses[-tc.log_every:]
+                        window = losses[-tc.log_every:] or [float("nan")]
                         self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0])
-                    bar.update(step, losses[-1], timer)
+                    bar.update(step, losses[-1] if losses else float("nan"), timer)
                     if tc.eval_every and step % tc.eval_every == 0 and step < total:
                         m = self.evaluate(model, data["validation"])
                         history.append({"step": step, **m})
                         self.log(step=step, eval=m)
+                    ck.step_end(step, model, b.strategy, opt, sched, self.log_f, dict(
+                        step=step, epoch=epoch, batches=consumed, losses=losses, history=history,
+                        nonfinite_skips=guard.skips))
                 epoch += 1
         train_s = time.perf_counter() - t_train
         final = self.evaluate(model, data[tc.eval_split])
@@ -221,6 +251,9 @@ class Trainer:
         model = self.acc.unwrap_model(model)
         result = self._result(model, trainable, total_params, timer, rss, losses, final, history, train_s,
                               time.perf_counter() - t_start, len(train), step, epoch)
+        # Speed numbers cover what this process trained (after a resume: the resumed part).
+        result["speed"]["resumed_from_step"] = resumed.step if resumed is not None else None
+        result["metrics"]["nonfinite_skipped_steps"] = guard.skips
         if self.acc.is_main_process:
             self._save(sd, result)
             self.log_f.close()

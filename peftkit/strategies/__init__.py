@@ -3,12 +3,14 @@
 from .base import Strategy, StrategyConfig, count_params
 from .full import Full
 from .lora import Lora
+from .prefix import Prefix
 from .qlora import QLora
 
 REGISTRY: dict[str, type[Strategy]] = {
     "full": Full,
     "lora": Lora,
     "qlora": QLora,
+    "prefix": Prefix,
 }
 
 
