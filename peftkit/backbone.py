@@ -41,6 +41,9 @@ def _smollm2_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # The weights are already dequantized to fp32; without this transformers refuses to save.
+    model.hf_quantizer = None
+    model.is_quantized = False
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".smollm2-"))
     try:

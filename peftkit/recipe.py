@@ -37,7 +37,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     seed: int = 0
     epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    max_steps: int | None = Field(None, ge=0)  # overrides epochs when set; 0 = evaluate the untrained model
     batch_size: int = Field(16, ge=1)  # GLOBAL: summed over processes (each gets batch_size / N)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0)

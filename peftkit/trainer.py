@@ -154,7 +154,7 @@ class Trainer:
             self.tb = _tensorboard(self.run_dir / "tb") if b.recipe.output.tensorboard else None
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
-        total = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+        total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(steps_per_epoch * tc.epochs))
         model = b.model
         trainable, total_params = count_params(model)  # before FSDP/ZeRO shard the parameters
         opt = make_optimizer(model, tc)
@@ -325,6 +325,7 @@ class Trainer:
                       "eval_samples_per_s": final.get("eval_samples_per_s"),
                       "steps": steps, "epochs_started": epochs, "train_examples": n_train},
             "metrics": {"eval": final, "eval_split": self.tc.eval_split, "history": history,
+                        "primary_metric": b.task.primary_metric,
                         "train_loss": sum(tail) / len(tail) if tail else None},
             "artifact": {},
             "env": measure.environment(),

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# CI has the data beside the checkout; a git worktree under <project>/wt/<name> finds it two levels up.
+SHARED_DATA = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data") if p.is_dir()),
+                   ROOT.parent / "shared" / "data")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PEFTKIT_CACHE", str(Path.home() / ".cache" / "peftkit"))
 
@@ -45,16 +47,20 @@ TINY = {
     "gpt2": lambda: __import__("transformers").GPT2Config(
         vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0,
         bos_token_id=101, eos_token_id=102),
+    "t5": lambda: __import__("transformers").T5Config(
+        vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0,
+        eos_token_id=102, decoder_start_token_id=0),
 }
 
 
 def build_tiny(kind: str, dest: Path) -> Path:
     """A tiny random model of an architecture, saved as a from_pretrained directory."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(0)
     cfg = TINY[kind]()
-    model = AutoModel.from_config(cfg) if kind == "bert" else AutoModelForCausalLM.from_config(cfg)
+    auto = {"bert": AutoModel, "t5": AutoModelForSeq2SeqLM}.get(kind, AutoModelForCausalLM)
+    model = auto.from_config(cfg)
     model.save_pretrained(dest)
     _tokenizer(kind).save_pretrained(dest)
     return dest

@@ -23,8 +23,36 @@ def file_format(path: Path, fmt: str) -> str:
     return _EXT[ext]
 
 
+def read_conll(path: Path):
+    """CoNLL/BIO text -> Dataset(tokens, tags): first column = token, last column = tag.
+
+    A sentence ends at a line that is empty after strip() (some files use a lone tab).
+    """
+    import datasets
+
+    tokens, tags, sent_tok, sent_tag = [], [], [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            s = line.strip()
+            if not s or s.startswith("-DOCSTART-"):
+                if sent_tok:
+                    tokens.append(sent_tok)
+                    tags.append(sent_tag)
+                    sent_tok, sent_tag = [], []
+                continue
+            parts = s.split("\t") if "\t" in s else s.split()
+            if len(parts) < 2:
+                raise DataError(f"{path}: line {n}: expected 'token<TAB>tag', got {s[:60]!r}")
+            sent_tok.append(parts[0].strip())
+            sent_tag.append(parts[-1].strip())
+    if sent_tok:
+        tokens.append(sent_tok)
+        tags.append(sent_tag)
+    return datasets.Dataset.from_dict({"tokens": tokens, "tags": tags})
+
+
 def load_file(path: Path, fmt: str):
-    """One file -> datasets.Dataset (CoNLL is handled by the token-classification task)."""
+    """One file -> datasets.Dataset."""
     import datasets
 
     if not path.exists():
@@ -48,6 +76,14 @@ def load_file(path: Path, fmt: str):
         builder = "json"
     elif fmt == "parquet":
         builder = "parquet"
+    elif fmt == "conll":
+        try:
+            ds = read_conll(path)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+        if len(ds) == 0:
+            raise DataError(f"{path}: no rows")
+        return ds
     else:
         raise DataError(f"{path}: format '{fmt}' is not supported by this task")
     datasets.disable_progress_bars()

@@ -1,0 +1,71 @@
+"""Encoder-decoder fine-tuning (T5-style): the prompt is the encoder input, the response the target.
+
+The model builds decoder inputs from the labels (shifted right from
+``decoder_start_token_id``); labels are -100 on padding. Evaluation generates greedily.
+Data, references and metrics are those of the causal-LM task (``generation.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .generation import GenerationConfig, GenerationTask, example_nll, pad, unwrap
+
+
+class Seq2SeqConfig(GenerationConfig):
+    kind: Literal["seq2seq"] = "seq2seq"
+
+
+class Seq2Seq(GenerationTask):
+    kind = "seq2seq"
+    Config = Seq2SeqConfig
+
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        problems = super().check(recipe)
+        if getattr(recipe.train, "padding_free", False):
+            problems.append("train.padding_free is for causal_lm tasks, not seq2seq")
+        return problems
+
+    def auto_class(self):
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM
+
+    def datasets(self) -> dict:
+        import datasets
+
+        c = self.cfg
+        src_len = c.max_length - c.max_target_length
+        out = {}
+        for split, (prompts, refs) in self.rows().items():
+            full = self.tokenizer(prompts)["input_ids"]
+            src = self.tokenizer(prompts, truncation=True, max_length=src_len)["input_ids"]
+            self.truncated += sum(len(f) > src_len for f in full)
+            tgt = [self.target_ids(rs[0]) for rs in refs]
+            cols = {"input_ids": src, "labels": tgt, "length": [len(s) + len(t) for s, t in zip(src, tgt)]}
+            if split != "train":
+                cols["refs"] = refs
+            out[split] = datasets.Dataset.from_dict(cols)
+        return out
+
+    def collate(self, features):
+        ids = [f["input_ids"] for f in features]
+        batch = {"input_ids": pad(ids, self.tokenizer.pad_token_id), "attention_mask": pad([[1] * len(x) for x in ids], 0),
+                 "labels": pad([f["labels"] for f in features], -100)}
+        if "refs" in features[0]:
+            batch["refs"] = [f["refs"] for f in features]
+        return batch
+
+    @torch.no_grad()
+    def eval_step(self, model, batch):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        nll, tokens = example_nll(model(**inputs).logits, batch["labels"])  # decoder logits align with labels
+        m = unwrap(model)
+        out = m.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         generation_config=self.generation_config(
+                             model, decoder_start_token_id=m.config.decoder_start_token_id))
+        preds = [{"text": t, "nll": a, "tokens": b} for t, a, b in zip(self.decode(out), nll, tokens)]
+        return preds, batch["refs"]

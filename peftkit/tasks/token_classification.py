@@ -1,0 +1,153 @@
+"""Token classification (NER, BIO tags); entity-level precision/recall/F1 with seqeval.
+
+Data: CoNLL text (token<TAB>tag, blank line between sentences) or JSONL/JSON/parquet rows
+with a list of tokens and a list of tags. Each word's tag goes to its first sub-word; the
+other sub-words get -100 (no loss, no prediction). Words cut off by ``max_length`` count
+as predicted ``O`` in the metrics, so truncation costs recall instead of hiding it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..errors import DataError
+from .base import Task, TaskConfig, require_columns
+from .data import load_splits
+
+
+class TokenClassificationConfig(TaskConfig):
+    kind: Literal["token_classification"] = "token_classification"
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    labels: list[str] | None = None  # tag names in id order; None = the tags of all splits, sorted ("O" first)
+
+
+def _sort_tags(tags: set[str]) -> list[str]:
+    # O first, then by entity type, B before I: a stable, readable id order.
+    return sorted(tags, key=lambda t: (t != "O", t[2:] if t[1:2] == "-" else t, t))
+
+
+class TokenClassification(Task):
+    kind = "token_classification"
+    Config = TokenClassificationConfig
+    head_names = ("classifier", "score")
+    primary_metric = "f1"
+
+    def __init__(self, cfg: TokenClassificationConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.labels: list[str] | None = cfg.labels
+        self.truncated = 0
+        self._raw = None
+
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        if getattr(recipe.train, "padding_free", False):
+            return ["train.padding_free is for causal_lm tasks (an encoder would attend across the joined sentences)"]
+        return []
+
+    def auto_class(self):
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification
+
+    def raw_splits(self) -> dict:
+        if self._raw is None:
+            c = self.cfg
+            self._raw = load_splits(c.data)
+            for split, ds in self._raw.items():
+                require_columns(ds, [c.tokens_column, c.tags_column], self._where(split))
+            if self.labels is None:
+                # All splits: a tag missing from a (sub-sampled) train split is still a class.
+                self.labels = _sort_tags({t for ds in self._raw.values() for row in ds[c.tags_column] for t in row})
+        return self._raw
+
+    def _where(self, split: str) -> str:
+        p = self.cfg.data.path(split)
+        return f"task.data.{split}" + (f" ({p})" if p else "")
+
+    def model_kwargs(self):
+        self.raw_splits()
+        return dict(num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+                    label2id={n: i for i, n in enumerate(self.labels)})
+
+    def datasets(self) -> dict:
+        import datasets
+
+        c = self.cfg
+        raw = self.raw_splits()
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise DataError("token_classification needs a fast tokenizer (word_ids() aligns tags to sub-words)")
+        label2id = {n: i for i, n in enumerate(self.labels)}
+        out = {}
+        for split, ds in raw.items():
+            where = self._where(split)
+            words, tag_ids = [], []
+            for row, (toks, tags) in enumerate(zip(ds[c.tokens_column], ds[c.tags_column])):
+                if not isinstance(toks, list) or not isinstance(tags, list) or len(toks) != len(tags):
+                    raise DataError(f"{where}: row {row + 1}: '{c.tokens_column}' and '{c.tags_column}' "
+                                    "must be lists of the same length")
+                unknown = [t for t in tags if t not in label2id]
+                if unknown:
+                    raise DataError(f"{where}: row {row + 1}: tag {unknown[0]!r} not in the tag set {self.labels}")
+                words.append([str(w) for w in toks])
+                tag_ids.append([label2id[t] for t in tags])
+            enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=c.max_length)
+            labels, tails = [], []
+            for i, tags in enumerate(tag_ids):
+                lab, prev = [], None
+                for w in enc.word_ids(i):
+                    lab.append(tags[w] if w is not None and w != prev else -100)
+                    prev = w
+                seen = max((w for w in enc.word_ids(i) if w is not None), default=-1) + 1
+                tails.append(tags[seen:])  # words lost to truncation
+                self.truncated += seen < len(tags)
+                labels.append(lab)
+            cols = dict(enc)
+            cols["labels"] = labels
+            cols["length"] = [len(x) for x in enc["input_ids"]]
+            if split != "train":
+                cols["tail"] = tails
+            out[split] = datasets.Dataset.from_dict(cols)
+        return out
+
+    def collate(self, features):
+        from transformers import DataCollatorForTokenClassification
+
+        tails = [f["tail"] for f in features] if "tail" in features[0] else None
+        inputs = [{k: v for k, v in f.items() if k not in ("length", "tail")} for f in features]
+        batch = dict(DataCollatorForTokenClassification(self.tokenizer, return_tensors="pt")(inputs))
+        if tails is not None:
+            batch["tail"] = tails
+        return batch
+
+    @torch.no_grad()
+    def eval_step(self, model, batch):
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "tail")}
+        pred = model(**inputs).logits.argmax(-1).tolist()
+        preds, refs = [], []
+        for i, lab in enumerate(batch["labels"].tolist()):
+            keep = [j for j, y in enumerate(lab) if y != -100]
+            tail = batch.get("tail", [[]] * len(lab))[i]
+            preds.append([self.labels[pred[i][j]] for j in keep] + ["O"] * len(tail))
+            refs.append([self.labels[lab[j]] for j in keep] + [self.labels[t] for t in tail])
+        return preds, refs
+
+    def metrics(self, preds, refs):
+        from seqeval.metrics import accuracy_score, classification_report
+
+        rep = classification_report(refs, preds, output_dict=True, zero_division=0)
+        micro = rep.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+        m = {"precision": float(micro["precision"]), "recall": float(micro["recall"]),
+             "f1": float(micro["f1-score"]), "token_accuracy": float(accuracy_score(refs, preds))}
+        if "macro avg" in rep:
+            m["macro_f1"] = float(rep["macro avg"]["f1-score"])
+        for typ, r in rep.items():
+            if not typ.endswith(" avg"):
+                m.update({f"{typ}_precision": float(r["precision"]), f"{typ}_recall": float(r["recall"]),
+                          f"{typ}_f1": float(r["f1-score"])})
+        return m
+
+    def info(self):
+        return {"labels": self.labels, "truncated_examples": self.truncated, "max_length": self.cfg.max_length}
