@@ -102,3 +102,11 @@ def test_print_config_shows_resolved_recipe():
     assert proc.returncode == 0, proc.stderr
     resolved = R.from_dict(__import__("yaml").safe_load(proc.stdout))
     assert resolved.strategy.name == "qlora" and resolved.model.quantization == "4bit"
+
+
+def test_validate_cli_accepts_every_shipped_file():
+    """Recipes, compare recipes (every variant × seed) and accelerate configs (skipped)."""
+    files = sorted(str(p) for p in (ROOT / "recipes").rglob("*.yaml"))
+    proc = run_cli("validate", *files)
+    assert proc.returncode == 0, proc.stderr
+    assert "compare: 8 runs" in proc.stdout and "skip" in proc.stdout
