@@ -64,6 +64,7 @@ class _LM:
     """A minimal causal-LM task (the real one lives in peftkit.tasks when present)."""
 
     kind = "causal_lm"
+    primary_metric = "loss"
 
     def __init__(self, tok):
         import datasets
