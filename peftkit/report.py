@@ -229,8 +229,9 @@ def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bo
         ax.errorbar(x, y, yerr=a["metric_std"] or 0, fmt="o", ms=8 if on else 6, capsize=3,
                     color="tab:red" if on else "tab:blue", zorder=3)
         # Neighbours along x get labels above/below in turn so close points stay readable.
-        ax.annotate(a["variant"], (x, y), textcoords="offset points", xytext=(6, 6 if rank[i] % 2 == 0 else -14),
-                    fontsize=9)
+        # A leader line ties each label to its own point when points crowd together.
+        ax.annotate(a["variant"], (x, y), textcoords="offset points", xytext=(12, 10 if rank[i] % 2 == 0 else -18),
+                    fontsize=9, arrowprops=dict(arrowstyle="-", lw=0.6, color="0.45"))
     fx = sorted((xy[i] for i in front), key=lambda p: p[0])
     if len(fx) > 1:
         ax.plot([p[0] for p in fx], [p[1] for p in fx], "--", color="tab:red", lw=1.2, zorder=2,
