@@ -58,8 +58,6 @@ def run(rd: dict, peak: float | None) -> dict:
     from peftkit.trainer import Trainer
 
     built = build(R.from_dict(rd))
-    lengths = list(built.task.datasets()["train"]["length"])
-    flops = measure.model_train_flops(built.model, lengths)
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(built, d)
         res = trainer.fit()
@@ -68,7 +66,7 @@ def run(rd: dict, peak: float | None) -> dict:
         log = [json.loads(x) for x in (Path(d) / "log.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in log if "loss" in x]
     tps = res["speed"]["train_tokens_per_s"]
-    fps = flops["per_token"] * tps if tps and flops["per_token"] else None
+    fps = res["speed"].get("model_flops_per_s")  # peftkit.flops, counted live by the trainer
     mem = res["memory"]["measured"]
     out = {
         "ok": bool(losses) and all(math.isfinite(x) for x in losses) and res["metrics"]["eval"]["examples"] > 0,
@@ -81,7 +79,7 @@ def run(rd: dict, peak: float | None) -> dict:
         "reserved_bytes": mem.get("max_reserved_bytes"),
         "tokens_per_s": tps, "samples_per_s": res["speed"]["train_samples_per_s"],
         "step_time_median_s": res["speed"]["step_time_median_s"],
-        "flops_per_token": flops["per_token"], "model_flops_per_s": fps, "mfu": measure.mfu(fps, peak),
+        "flops_per_token": res["speed"].get("model_flops_per_token"), "model_flops_per_s": fps, "mfu": measure.mfu(fps, peak),
         "files": saved,
     }
     del built, res, trainer
@@ -130,8 +128,9 @@ def markdown(r: dict) -> str:
                      f"{num(c.get('loss_first'), '.4f')} → {num(c.get('loss_last'), '.4f')} | "
                      f"{mib(c.get('peak_bytes'))} | {c.get('error', '')} |")
     lines += ["", "## Speed and memory", "",
-              "MFU = model FLOPs/s (peftkit.measure.train_flops: 6N full, 4N + 2N_trainable with frozen "
-              "weights, plus attention) over the measured matmul peak. Tokens are real (non-padding) tokens.", "",
+              "MFU = model FLOPs/s (peftkit.flops, result.json `speed.model_flops_per_s`: matmuls on real "
+              "(non-padding) tokens, backward only where gradients flow, plus attention) over the measured "
+              "matmul peak. Tokens are real (non-padding) tokens.", "",
               "| model | strategy | attention | peak MiB | tokens/s | TFLOP/s | MFU | error |",
               "|---|---|---|---|---|---|---|---|"]
     for b in r["bench"]:

@@ -3,9 +3,10 @@
 The peak is the best ``torch.matmul`` FLOP/s on large squares (bf16 and fp32, best of several)
 on the same machine, in a fresh process with the same threading settings as training. Each
 strategy in the registry trains builtin MiniLM on an SST-2 subset in its own process; model
-FLOPs are counted live per training call (``benchmarks/flops.py``: 6N/4N/2N per token by
-what needs gradients, plus attention) and divided by the time of the timed steps
-(``common.StepClock``, data loading included). MFU = achieved / peak of the autocast dtype.
+FLOPs are counted live per training call (``peftkit.flops.FlopCounter``, the counter behind
+result.json: real tokens, backward only where gradients flow, plus attention) and divided
+by the time of the timed steps (``common.StepClock``, data loading included). MFU = achieved
+/ peak of the autocast dtype.
 
     python benchmarks/mfu.py                       # every registered strategy
     python benchmarks/mfu.py --strategies full lora --precision bf16 fp32
@@ -26,24 +27,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+def matmul_peak(dtype, sizes, repeats: int) -> dict:
+    """Best single ``torch.matmul`` FLOP/s over squares of these sizes (best of ``repeats`` each)."""
+    from peftkit.measure import matmul_peak_flops
+
+    per = {n: max(matmul_peak_flops("cpu", dtype, n, iters=1, warmup=int(r == 0)) for r in range(repeats))
+           for n in sizes}
+    return {"dtype": str(dtype).removeprefix("torch."), "flops_per_s": max(per.values()), "by_size": per,
+            "repeats": repeats}
+
+
 def worker_peak(spec: dict) -> dict:
     import torch
 
-    import flops
-
     sizes = tuple(spec["sizes"])
-    return {"peaks": {p: flops.matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[p], sizes, spec["repeats"])
+    return {"peaks": {p: matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[p], sizes, spec["repeats"])
                       for p in spec["precisions"]}, "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def worker_train(spec: dict) -> dict:
-    import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import flops
     from peftkit import recipe as R
     from peftkit.build import build
+    from peftkit.flops import FlopCounter
     from peftkit.trainer import Trainer
 
     rec = R.from_dict({
@@ -62,39 +70,17 @@ def worker_train(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(built, d)
         clock = common.StepClock(built.model)
-        counter = flops.FlopCounter(built.model)
+        counter = FlopCounter(built.model)  # per step, to match StepClock's window
         per_step: list[float] = []
-        lens: list[list[int]] = []  # real lengths of each step's sequences, for measure's formula
-        cur: list[int] = []
-
-        def pre(mod, args, kwargs):
-            m = kwargs.get("attention_mask")
-            if mod.training and torch.is_grad_enabled() and m is not None:
-                cur.extend(m.sum(1).tolist())
-
-        def post(*a):
-            per_step.append(counter.take())
-            lens.append(cur[:])
-            cur.clear()
-
-        h = register_optimizer_step_post_hook(post)
-        h2 = built.model.register_forward_pre_hook(pre, with_kwargs=True)
+        h = register_optimizer_step_post_hook(lambda *a: per_step.append(counter.take()))
         res = trainer.fit()
         h.remove()
-        h2.remove()
         clock.close()
         counter.close()
     sp = clock.summary(spec["warmup"])
-    w = sp["warmup_steps"]
-    timed_flops = sum(per_step[w:])
-    out = {}
-    try:  # the per-token formula of peftkit.measure (real lengths, no padding), as a cross-check
-        from peftkit.measure import model_train_flops
-
-        static = sum(model_train_flops(trainer.model, x)["total"] for x in lens[w:])
-        out = {"measure_flops_timed": static, "measure_flops_per_s": static / sp["timed_s"]}
-    except ImportError:
-        pass
+    timed_flops = sum(per_step[sp["warmup_steps"]:])
+    # The same counter in result.json, over the trainer's own timing (compute only, no data loading).
+    out = {"trainer_flops_per_s": res["speed"].get("model_flops_per_s")}
     return {**out, "speed": sp, "model_flops_timed": timed_flops, "model_flops_per_s": timed_flops / sp["timed_s"],
             "flops_per_token": timed_flops / (sp["tokens_per_s"] * sp["timed_s"]),
             "linear_flops_share": counter.linear / max(1.0, counter.linear + counter.attention),
@@ -124,8 +110,8 @@ def run(args) -> dict:
                     continue
                 pk = peak["peaks"][precision]["flops_per_s"]
                 r["mfu"] = r["model_flops_per_s"] / pk
-                if r.get("measure_flops_per_s"):
-                    r["mfu_measure"] = r["measure_flops_per_s"] / pk
+                if r.get("trainer_flops_per_s"):
+                    r["mfu_trainer"] = r["trainer_flops_per_s"] / pk
                 runs.append({"spec": spec, "rep": rep, **r})
                 print(f"{strategy:8s} {precision}: {r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s = MFU {100 * r['mfu']:5.1f}% "
                       f"({r['speed']['tokens_per_s']:.0f} tok/s, {r['flops_per_token'] / 1e6:.1f} MFLOP/token, "
@@ -142,10 +128,11 @@ def markdown(data: dict, env: dict) -> str:
              f"{a['repeats']}): " + "; ".join(f"{p} {v['flops_per_s'] / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + ".",
              "", f"Training: builtin MiniLM, SST-2 subset of {a['n_train']} sentences, batch {a['batch']}, max length "
              f"{a['max_length']}, dynamic padding + length-grouped batches, {a['steps']} steps ({a['warmup']} warm-up "
-             "excluded), model FLOPs counted per call as in `benchmarks/flops.py` (6N/4N/2N per token + attention). "
+             "excluded), model FLOPs counted per call by `peftkit.flops` (real tokens, backward where gradients flow, + "
+             "attention). "
              "Median over repetitions.", "",
              "| strategy | precision | trainable % | MFLOP/token | tokens/s | model GFLOP/s | MFU vs matmul peak | "
-             "MFU by `measure.model_train_flops` | target |",
+             "MFU by result.json (compute-only timing) | target |",
              "|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in data["runs"]:
@@ -162,7 +149,7 @@ def markdown(data: dict, env: dict) -> str:
         lines.append(f"| {strategy} | {precision} | {ok[0]['params']['trainable_pct']:.2f} | "
                      f"{med(lambda r: r['flops_per_token']) / 1e6:.1f} | {med(lambda r: r['speed']['tokens_per_s']):.0f} | "
                      f"{med(lambda r: r['model_flops_per_s']) / 1e9:.1f} | {100 * mfu:.1f}% | "
-                     f"{common.fmt(100 * mm if (mm := med(lambda r: r.get('mfu_measure'))) else None)}% | {tgt} |")
+                     f"{common.fmt(100 * mm if (mm := med(lambda r: r.get('mfu_trainer'))) else None)}% | {tgt} |")
     lines += ["", "## Environment", "", *common.env_lines(env),
               f"- load average at end: {', '.join(f'{x:.2f}' for x in data['loadavg_end'])}; wall "
               f"{data['wall_s'] / 60:.1f} min", ""]

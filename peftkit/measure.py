@@ -78,6 +78,7 @@ class StepTimer:
         self.times: list[float] = []
         self.samples = 0
         self.tokens = 0
+        self.flops = 0.0  # model FLOPs of the timed steps (peftkit.flops), summed over ranks by the caller
         self._t0 = 0.0
 
     @contextmanager
@@ -92,6 +93,11 @@ class StepTimer:
             self.samples += samples
             self.tokens += tokens
 
+    def add_flops(self, flops: float):
+        """Model FLOPs of the step just timed (ignored for warm-up steps)."""
+        if len(self.times) > self.warmup:
+            self.flops += flops
+
     def summary(self) -> dict:
         timed = self.times[self.warmup:] or self.times
         total = sum(timed)
@@ -101,6 +107,8 @@ class StepTimer:
             "step_time_median_s": statistics.median(timed) if timed else None,
             "train_samples_per_s": self.samples / total if total and self.samples else None,
             "train_tokens_per_s": self.tokens / total if total and self.tokens else None,
+            "model_flops_per_s": self.flops / total if total and self.flops else None,
+            "model_flops_per_token": self.flops / self.tokens if self.tokens and self.flops else None,
         }
 
 
@@ -134,78 +142,8 @@ def environment() -> dict:
     }
 
 
-# -- FLOPs and MFU ------------------------------------------------------------------------
-# Model FLOPs (useful work, not what the hardware executed: padding, recomputation from
-# gradient checkpointing and dequantization are not counted), after Kaplan et al. 2020 and
-# the PaLM paper's MFU. Per token and matmul weight element: forward 2 FLOPs, backward 2 for
-# the activation gradient and 2 for the weight gradient. Full fine-tuning: 6N. With frozen
-# weights there is no weight gradient but the activation gradient still flows down to the
-# lowest trainable parameter; for strategies with trainable parts in every layer (LoRA,
-# IA3, adapters, prefix, BitFit) that is the whole network: 4N + 2N_trainable. (For `freeze`
-# strategies that train only top layers this overestimates the backward a little.)
-# Attention scores and the weighted sum are matmuls without weights: forward 4·d_attn FLOPs
-# per (query, key) pair per layer, backward twice that.
-
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert", "mpnet"}
-
-
-def matmul_params(model) -> tuple[int, int]:
-    """(all, trainable) weight elements of the layers that do a matmul per token.
-
-    By type: ``nn.Linear`` (bitsandbytes' 4/8-bit layers subclass it; counted unpacked) and
-    GPT-2's ``Conv1D``. Embedding lookups are not matmuls; a tied LM head is an nn.Linear.
-    """
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    total = trainable = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            n = m.in_features * m.out_features
-        elif isinstance(m, Conv1D):
-            n = m.weight.shape[0] * m.weight.shape[1]
-        else:
-            continue
-        total += n
-        if m.weight.requires_grad:
-            trainable += n
-    return total, trainable
-
-
-def attention_dims(config) -> tuple[int, int]:
-    """(layers, d_attn = query heads x head dim) from a transformers config."""
-    layers = int(config.num_hidden_layers)
-    heads = int(config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return layers, heads * int(head_dim)
-
-
-def is_causal(config) -> bool:
-    return config.model_type not in ENCODER_TYPES and not getattr(config, "is_encoder_decoder", False)
-
-
-def train_flops(n_matmul: int, n_trainable: int, tokens: float, sum_sq_len: float = 0.0, layers: int = 0,
-                d_attn: int = 0, causal: bool = False) -> dict:
-    """FLOPs of one training pass over ``tokens`` real tokens (see the note above).
-
-    ``sum_sq_len`` = sum over sequences of length**2 (query-key pairs); causal attention
-    counts half of them (only keys at or before the query).
-    """
-    pairs = sum_sq_len * (0.5 if causal else 1.0)
-    attn_fwd = 4.0 * layers * d_attn * pairs
-    fwd = 2.0 * n_matmul * tokens + attn_fwd
-    bwd = 2.0 * n_matmul * tokens + 2.0 * n_trainable * tokens + 2.0 * attn_fwd
-    return {"total": fwd + bwd, "forward": fwd, "backward": bwd, "attention": 3.0 * attn_fwd,
-            "per_token": (fwd + bwd) / tokens if tokens else None,
-            "matmul_params": n_matmul, "matmul_trainable": n_trainable}
-
-
-def model_train_flops(model, lengths: list[int]) -> dict:
-    """Training FLOPs for sequences of these real lengths through ``model`` (peft-wrapped or not)."""
-    n, nt = matmul_params(model)
-    cfg = getattr(model, "config", None) or model.get_base_model().config
-    layers, d_attn = attention_dims(cfg)
-    return train_flops(n, nt, float(sum(lengths)), float(sum(x * x for x in lengths)), layers, d_attn, is_causal(cfg))
+# -- MFU ----------------------------------------------------------------------------------
+# The numerator, model FLOPs of training, is counted by peftkit.flops.FlopCounter.
 
 
 def mfu(flops_per_s: float | None, peak_flops_per_s: float | None) -> float | None:

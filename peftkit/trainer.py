@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from . import measure, memory, packing
+from . import flops, measure, memory, packing
 from .build import Built
 from .checkpoint import Checkpointer, warn
 from .errors import UserError
@@ -173,6 +173,7 @@ class Trainer:
                        f"({100 * trainable / total_params:.2f}%)")
 
         timer = measure.StepTimer(warmup=min(3, max(0, total // 5)))
+        counter = _flop_counter(self.acc.unwrap_model(model)) if not tc.compile else None
         measure.cuda_reset()
         guard = NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, self.acc.scaler, warn)
         losses: list[float] = []
@@ -234,6 +235,8 @@ class Trainer:
                                     acct.after_step(model, opt)
                                     sched.step()
                                 opt.zero_grad(set_to_none=True)
+                    if counter is not None:
+                        timer.add_flops(counter.take())
                     step += 1
                     loss_sum = dist.reduce_sum(self.acc, [loss_sum])[0] / self.acc.num_processes
                     if ok:
@@ -253,6 +256,9 @@ class Trainer:
                         nonfinite_skips=guard.skips))
                 epoch += 1
         train_s = time.perf_counter() - t_train
+        if counter is not None:
+            counter.close()
+            timer.flops = dist.reduce_sum(self.acc, [timer.flops])[0]
         final = self.evaluate(model, data[tc.eval_split])
         self.log(step=step, eval_final=final)
         sd = dist.strategy_state_dict(self.acc, model, b.strategy) if b.recipe.output.save_weights else None
@@ -342,6 +348,15 @@ class Trainer:
                                   "strategy_bytes": (d / "strategy.safetensors").stat().st_size,
                                   "tensors": len(sd)}
         atomic_write_json(d / "result.json", result)
+
+
+def _flop_counter(model):
+    """Model FLOPs per step for result.json (peftkit.flops); counting must never stop a run."""
+    try:
+        return flops.FlopCounter(model)
+    except Exception as e:
+        warn(f"model FLOPs are not counted: {e.__class__.__name__}: {e}")
+        return None
 
 
 def _tensorboard(path):

@@ -15,12 +15,14 @@ from ..errors import UserError
 # model_type -> role -> (containing class in transformers.models.<type>.modeling_<type>, attribute).
 _ATTN_FFN = {
     "bert": ("Bert", {"attn_out": ("SelfOutput", "dense"), "ffn_out": ("Output", "dense"),
-                      "key": ("SelfAttention", "key"), "value": ("SelfAttention", "value")}),
+                      "query": ("SelfAttention", "query"), "key": ("SelfAttention", "key"),
+                      "value": ("SelfAttention", "value")}),
     "gpt2": ("GPT2", {"attn_out": ("Attention", "c_proj"), "ffn_out": ("MLP", "c_proj"),
-                      "key": ("Attention", "c_attn"), "value": ("Attention", "c_attn")}),  # fused q,k,v
+                      "query": ("Attention", "c_attn"), "key": ("Attention", "c_attn"),
+                      "value": ("Attention", "c_attn")}),  # fused q,k,v
 }
 _DECODER = {"attn_out": ("Attention", "o_proj"), "ffn_out": ("MLP", "down_proj"),
-            "key": ("Attention", "k_proj"), "value": ("Attention", "v_proj")}
+            "query": ("Attention", "q_proj"), "key": ("Attention", "k_proj"), "value": ("Attention", "v_proj")}
 _ATTN_FFN |= {"roberta": ("Roberta", _ATTN_FFN["bert"][1]), "llama": ("Llama", _DECODER),
               "mistral": ("Mistral", _DECODER), "qwen2": ("Qwen2", _DECODER)}
 KNOWN_TYPES = tuple(_ATTN_FFN)
