@@ -65,15 +65,22 @@ class FlopCounter:
 
     ``take()`` returns the FLOPs since the last call (one device sync); ``close()`` removes
     the hooks. The hooks only do Python arithmetic on shapes: per-batch token statistics
-    stay on the device until ``take()``.
+    stay on the device until ``take()``. A forward's FLOPs are ``a·tokens + b·Σlen² +
+    c·samples``; with ``reuse`` (default), once a forward has run every layer on per-token or
+    per-sample rows, its (a, b, c) are kept and the per-layer hooks removed, so later steps
+    cost two hooks and a few tensor ops (layers that run on other row counts keep counting
+    per call).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, reuse: bool = True):
         self.linear = self.attention = 0.0  # totals by kind over all take() calls
+        self.reuse = reuse
         self._pending: list[torch.Tensor] = []
         self._on = False
-        self._handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
-                         model.register_forward_hook(self._end)]
+        self._fixed: dict | None = None  # kept coefficients (reuse)
+        self._top = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                     model.register_forward_hook(self._end)]
+        self._handles = []  # per-layer hooks
         for m in model.modules():
             if _matmul_dims(m) is not None:
                 self._handles.append(m.register_forward_hook(self._linear))
@@ -84,7 +91,7 @@ class FlopCounter:
 
     # -- hooks ------------------------------------------------------------------------------
     def _begin(self, module, args, kwargs):
-        if not torch.is_grad_enabled() or self._on:
+        if not torch.is_grad_enabled():
             return
         x = kwargs.get("input_ids")
         x = kwargs.get("inputs_embeds") if x is None else x
@@ -105,7 +112,7 @@ class FlopCounter:
             tokens, sq = torch.tensor(float(b * s), dtype=torch.float64), torch.tensor(float(b * s * s), dtype=torch.float64)
         self._b, self._bs, self._tokens, self._sq = b, b * s, tokens, sq
         # FLOPs of this forward, by kind = tok·tokens + sq·Σlen² + row·samples + other
-        self._c = {k: {"tok": 0.0, "sq": 0.0, "row": 0.0, "other": 0.0} for k in ("linear", "attention")}
+        self._c = self._fixed or {k: {"tok": 0.0, "sq": 0.0, "row": 0.0, "other": 0.0} for k in ("linear", "attention")}
         self._on = True
 
     def _end(self, module, args, out):
@@ -114,6 +121,10 @@ class FlopCounter:
         self._on = False
         self._pending.append(torch.stack([c["tok"] * self._tokens + c["sq"] * self._sq + (c["row"] * self._b + c["other"])
                                           for c in self._c.values()]))
+        if (self.reuse and self._fixed is None and self._bs != self._b
+                and not any(c["other"] for c in self._c.values())):
+            self._fixed = self._c
+            self._remove(self._handles)
 
     def _linear(self, mod, args, out):
         if not self._on or not args or not isinstance(args[0], torch.Tensor):
@@ -183,8 +194,8 @@ class FlopCounter:
             slot = getattr(mod, _SLOT, None)  # prefix tuning: trained keys/values before the real ones
             prefix = 0
             if slot is not None:
-                prefix = slot.encoder.shape[3]
-                nk = nv = nk or slot.encoder.table_requires_grad()
+                prefix, trains = slot.encoder.shape[3], slot.encoder.table_requires_grad()
+                nk, nv = nk or trains, nv or trains
             units = 2 + nq + nk + (nq or nk) + nv  # QKᵀ, AV forward; dQ, dK, dA, dV
             f = 2.0 * d * units
             # pairs = Σ len² (or Σ len(len+1)/2 causal) + prefix · tokens
@@ -207,9 +218,14 @@ class FlopCounter:
         return lin + att
 
     def close(self):
-        for h in self._handles:
+        self._remove(self._handles)
+        self._remove(self._top)
+
+    @staticmethod
+    def _remove(handles):
+        for h in handles:
             h.remove()
-        self._handles.clear()
+        handles.clear()
 
     def __enter__(self):
         return self

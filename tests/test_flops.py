@@ -86,6 +86,23 @@ def test_padding_is_not_counted(tiny_models):
     assert padded < 0.75 * ref.get_total_flops()  # FlopCounterMode counts the padding too
 
 
+def test_reused_coefficients_match_per_call_counting(tiny_models):
+    """After the first step the per-layer hooks go; later batches of other shapes and padding
+    count the same as a per-call counter (and as a fresh one)."""
+    torch.manual_seed(0)
+    model = _cls(tiny_models, "lora", target_modules=["query", "value"])
+    batches = [(IDS, torch.ones_like(IDS)), (IDS[:3, :7], torch.ones(3, 7, dtype=torch.long)),
+               (IDS[:2], (torch.arange(12)[None, :] < torch.tensor([[12], [4]])).long())]
+    fresh = [_step(model, ids, mask)[0] for ids, mask in batches]
+    kept, per_call = FlopCounter(model), FlopCounter(model, reuse=False)
+    for (ids, mask), f in zip(batches, fresh):
+        model(input_ids=ids, attention_mask=mask, labels=torch.arange(ids.shape[0]) % 2).loss.backward()
+        a, b = kept.take(), per_call.take()
+        assert a == pytest.approx(b, rel=1e-9) and a == pytest.approx(f, rel=1e-9)
+    assert not kept._handles and per_call._handles
+    kept.close(), per_call.close()
+
+
 def _matmul_split(ref):
     """(linear, attention) FLOPs of a FlopCounterMode run with eager attention (attention = bmm)."""
     g = {str(k): v for k, v in ref.get_flop_counts()["Global"].items()}
