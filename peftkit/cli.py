@@ -127,7 +127,7 @@ def cmd_predict(args) -> int:
         except ValueError as e:
             raise UserError(f"--json-input: not JSON ({e})") from None
     pred = Predictor.load(args.path)
-    preds = pred.predict(inputs, batch_size=args.batch_size)
+    preds = pred.predict(inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     # Classification echoes the input as "text"; generated tasks return their own "text".
     key = "text" if pred.kind == "classification" else "input"
     rows = [{key: x, **p} for x, p in zip(inputs, preds)]
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each input is JSON: a list of words (token_classification) or an object of the "
                          "prompt template's columns (causal_lm, seq2seq)")
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--max-new-tokens", type=int, help="generation tasks: at most this many new tokens "
+                    "(default: the task's)")
     pr.set_defaults(fn=cmd_predict)
     return p
 

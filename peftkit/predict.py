@@ -14,7 +14,8 @@ task kind in ``PREDICT``; each input is a text, or:
   the entity's word tags; words cut off by ``max_length`` are tagged ``O`` (as in evaluation)
   and counted in ``truncated_words``;
 * causal_lm / seq2seq: a dict of the prompt template's columns (a text fills a template with
-  one placeholder) -> ``{"text": greedy continuation of max_new_tokens at most}``.
+  one placeholder) -> ``{"text": greedy continuation of max_new_tokens at most}``, the prompt
+  built by the task's own code (template, chat template, bos, truncation) as in evaluation.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class Predictor:
             from .export import load_trained
 
             b = load_trained(p)
-            return cls(_to(b.model, device), b.tokenizer, b.recipe.task.kind, getattr(b.recipe.task, "max_length", None),
-                       b.task)
+            kind, max_length = b.recipe.task.kind, getattr(b.recipe.task, "max_length", None)
+            return cls(_to(b.model, device), b.tokenizer, kind, max_length, b.task)
         if not (p / "config.json").is_file():
             raise UserError(f"{p}: neither an exported model (config.json) nor a peftkit run (recipe.yaml)")
         import transformers
@@ -72,22 +73,28 @@ class Predictor:
         tokenizer = transformers.AutoTokenizer.from_pretrained(p)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # as backbone.load_tokenizer: decoders ship without one
-        task = None
-        if kind in tasks.REGISTRY:
-            try:
-                cfg = tasks.REGISTRY[kind].Config.model_validate(meta.get("task_config") or {"kind": kind})
-            except ValueError as e:
-                raise UserError(f"{p / 'peftkit.json'}: task_config does not fit this peftkit ({e})") from None
-            task = tasks.get(cfg, tokenizer)
-        return cls(_to(model, device), tokenizer, kind, meta.get("max_length"), task)
+        if kind not in PREDICT:
+            raise UserError(f"predict: task kind '{kind}' is not supported (supported: {', '.join(PREDICT)})")
+        try:
+            cfg = tasks.REGISTRY[kind].Config.model_validate(meta.get("task_config") or {"kind": kind})
+        except ValueError as e:
+            raise UserError(f"{p / 'peftkit.json'}: task_config does not fit this peftkit ({e})") from None
+        return cls(_to(model, device), tokenizer, kind, meta.get("max_length"), tasks.get(cfg, tokenizer))
 
-    def predict(self, inputs: list, batch_size: int = 32) -> list[dict]:
+    def predict(self, inputs: list, batch_size: int = 32, max_new_tokens: int | None = None) -> list[dict]:
+        """``max_new_tokens`` (generation tasks) overrides the task's setting."""
         if isinstance(inputs, (str, dict)):
             inputs = [inputs]
-        return PREDICT[self.kind](self, list(inputs), batch_size)
+        opts = {}
+        if max_new_tokens is not None:
+            if self.kind not in GENERATION or max_new_tokens < 1:
+                raise UserError(f"predict: max_new_tokens applies to {' and '.join(GENERATION)} and must be >= 1 "
+                                f"(task {self.kind}, got {max_new_tokens})")
+            opts["max_new_tokens"] = max_new_tokens
+        return PREDICT[self.kind](self, list(inputs), batch_size, **opts)
 
-    def encode(self, texts: list[str], **kw) -> dict:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt", **kw)
+    def encode(self, texts: list[str]) -> dict:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return self.to_device(enc)
 
     def to_device(self, batch: dict) -> dict:
@@ -165,7 +172,8 @@ def _prompt(task, x) -> str:
                             "give each input as a JSON object of its columns (--json-input)")
         x = {cols[0]: x}
     if not isinstance(x, dict):
-        raise UserError(f"predict: {task.kind} takes a text or an object of the template's columns, not {type(x).__name__}")
+        raise UserError(f"predict: {task.kind} takes a text or an object of the template's columns, "
+                        f"not {type(x).__name__}")
     missing = [c for c in cols if c not in x]
     if missing:
         raise UserError(f"predict: input {json.dumps(x)[:80]} lacks column(s) {', '.join(missing)} "
@@ -174,11 +182,13 @@ def _prompt(task, x) -> str:
 
 
 @torch.no_grad()
-def generate(pred: Predictor, inputs: list, batch_size: int) -> list[dict]:
+def generate(pred: Predictor, inputs: list, batch_size: int, max_new_tokens: int | None = None) -> list[dict]:
     from .tasks.generation import pad, unwrap
 
     task, tok = pred.task, pred.tokenizer
     c = task.cfg
+    if max_new_tokens is not None:
+        task = tasks.get(c.model_copy(update={"max_new_tokens": max_new_tokens}), tok)
     m = unwrap(pred.model)
     out = []
     for chunk in _batches([_prompt(task, x) for x in inputs], batch_size):
@@ -199,4 +209,5 @@ def generate(pred: Predictor, inputs: list, batch_size: int) -> list[dict]:
     return out
 
 
+GENERATION = ("causal_lm", "seq2seq")
 PREDICT = {"classification": classify, "token_classification": tag, "causal_lm": generate, "seq2seq": generate}
