@@ -1,6 +1,6 @@
 """SST-2 accuracy across strategies: ``peftkit compare`` on benchmarks/sst2/compare.yaml, then a table.
 
-Every strategy trains builtin MiniLM on the same 6,000-sentence subset of SST-2 train for one
+Every strategy trains builtin MiniLM on the same 20,000-sentence subset of SST-2 train for one
 epoch (max length 64, bf16), for each seed, in its own process; test accuracy on test.tsv (the
 872-sentence GLUE dev set) as mean ± std over seeds, with peak memory and time.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -176,14 +177,15 @@ def run(args) -> dict:
     acc = []
     if args.acc_steps:
         for strategy in args.strategies:
-            for tool in ("peftkit", "hf"):
-                spec = {**base, "tool": tool, "setting": "defaults", "strategy": strategy, "lr": lrs[strategy],
-                        "steps": args.acc_steps, "warmup": args.warmup, "eval": True,
-                        "n_train": max(args.n_train, args.acc_steps * args.batch)}
-                r = common.run_worker(script, spec, env=_env(spec))
-                acc.append({"spec": spec, **r})
-                print(f"accuracy  {strategy:5s} {tool:7s}: {r['accuracy']:.4f} after {args.acc_steps} steps "
-                      f"({r['speed']['samples_per_s']:.1f} samples/s)", flush=True)
+            for seed in range(args.acc_seeds):
+                for tool in ("peftkit", "hf"):
+                    spec = {**base, "tool": tool, "setting": "defaults", "strategy": strategy, "lr": lrs[strategy],
+                            "steps": args.acc_steps, "warmup": args.warmup, "eval": True, "seed": seed,
+                            "n_train": max(args.n_train, args.acc_steps * args.batch)}
+                    r = common.run_worker(script, spec, env=_env(spec))
+                    acc.append({"spec": spec, **r})
+                    print(f"accuracy  {strategy:5s} seed {seed} {tool:7s}: {r['accuracy']:.4f} after "
+                          f"{args.acc_steps} steps ({r['speed']['samples_per_s']:.1f} samples/s)", flush=True)
     return {"schema": "peftkit.bench.vs_hf/1", "args": {k: str(v) if isinstance(v, Path) else v
                                                           for k, v in vars(args).items()},
             "runs": runs, "accuracy_runs": acc, "summary": summarize(runs, acc)}
@@ -209,10 +211,14 @@ def summarize(runs: list[dict], acc: list[dict]) -> dict:
         row["padding_frac"] = {"peftkit": common.spread([p["speed"]["padding_frac"] for p, _ in pairs]),
                                "hf": common.spread([h["speed"]["padding_frac"] for _, h in pairs])}
         out[f"{setting}/{strategy}"] = row
-    for a in acc:
-        key = f"defaults/{a['spec']['strategy']}"
-        out.setdefault(key, {}).setdefault("accuracy", {})[a["spec"]["tool"]] = a["accuracy"]
-        out[key]["accuracy"]["steps"] = a["spec"]["steps"]
+    for strategy in sorted({a["spec"]["strategy"] for a in acc}):
+        runs = [a for a in acc if a["spec"]["strategy"] == strategy]
+        entry = {"steps": runs[0]["spec"]["steps"]}
+        for tool in ("peftkit", "hf"):
+            xs = [a["accuracy"] for a in runs if a["spec"]["tool"] == tool]
+            entry[tool] = {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                           "seeds": len(xs), "values": xs}
+        out.setdefault(f"defaults/{strategy}", {})["accuracy"] = entry
     return out
 
 
@@ -247,11 +253,14 @@ def markdown(data: dict, env: dict) -> str:
             f"≥{tgt}× samples/s, ≤1× mem: {met} |")
     accs = {k: v["accuracy"] for k, v in data["summary"].items() if "accuracy" in v}
     if accs:
-        lines += ["", "Accuracy on SST-2 test.tsv (872 sentences), recommended defaults, same steps/lr/batch:", "",
-                  "| strategy | steps | peftkit | HF Trainer + peft |", "|---|---|---|---|"]
+        lines += ["", "Accuracy on SST-2 test.tsv (872 sentences), recommended defaults, same steps/lr/batch and "
+                  "seeds (mean ± std over seeds):", "",
+                  "| strategy | steps | seeds | peftkit | HF Trainer + peft | difference |", "|---|---|---|---|---|---|"]
         for key, v in accs.items():
-            lines.append(f"| {key.split('/')[1]} | {v.get('steps')} | {common.fmt(100 * v['peftkit'], 2)}% | "
-                         f"{common.fmt(100 * v['hf'], 2)}% |")
+            p, h = v["peftkit"], v["hf"]
+            lines.append(f"| {key.split('/')[1]} | {v.get('steps')} | {p['seeds']} | "
+                         f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}% | {100 * h['mean']:.2f} ± {100 * h['std']:.2f}% | "
+                         f"{100 * (p['mean'] - h['mean']):+.2f} pt |")
     lines += ["", "Policies: identical = bf16 autocast, dynamic padding, length-grouped batches, fused AdamW and "
               "OMP_WAIT_POLICY=PASSIVE for both; defaults = HF `run_glue.py` style (fp32, pad to max_length, random "
               "batches, `adamw_torch_fused`) vs peftkit recipe defaults (bf16 autocast, "
@@ -266,7 +275,7 @@ def markdown(data: dict, env: dict) -> str:
 def smoke_args(args):
     model, data = common.tiny_setup()
     args.model, args.data = str(model), data
-    args.n_train, args.steps, args.warmup, args.reps, args.acc_steps = 64, 4, 1, 1, 2
+    args.n_train, args.steps, args.warmup, args.reps, args.acc_steps, args.acc_seeds = 64, 4, 1, 1, 2, 1
     args.settings, args.strategies = ["defaults"], ["lora"]
     args.max_length, args.batch = 32, 8
     return args
@@ -288,6 +297,7 @@ def main(argv=None):
     p.add_argument("--lr-full", type=float, default=5e-5)
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--acc-steps", type=int, default=300, help="steps of the accuracy runs (0 = none)")
+    p.add_argument("--acc-seeds", type=int, default=3, help="seeds of the accuracy runs, per tool and strategy")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--name", default="vs_hf_trainer", help="results file name (without extension)")
     p.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps, nothing written")

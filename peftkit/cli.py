@@ -120,12 +120,22 @@ def cmd_predict(args) -> int:
     from .predict import Predictor
 
     texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
-    preds = Predictor.load(args.path).predict(texts, batch_size=args.batch_size)
+    inputs = texts
+    if args.json_input:
+        try:
+            inputs = [json.loads(t) for t in texts]
+        except ValueError as e:
+            raise UserError(f"--json-input: not JSON ({e})") from None
+    pred = Predictor.load(args.path)
+    preds = pred.predict(inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    # Classification echoes the input as "text"; generated tasks return their own "text".
+    key = "text" if pred.kind == "classification" else "input"
+    rows = [{key: x, **p} for x, p in zip(inputs, preds)]
     if args.json:
-        print(json.dumps([{"text": t, **p} for t, p in zip(texts, preds)], indent=2, ensure_ascii=False))
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
-        for t, p in zip(texts, preds):
-            print(f"{p['label']}\t{p['score']:.4f}\t{t}" if "label" in p else json.dumps({"text": t, **p}))
+        for t, p, row in zip(texts, preds, rows):
+            print(f"{p['label']}\t{p['score']:.4f}\t{t}" if "label" in p else json.dumps(row, ensure_ascii=False))
     return 0
 
 
@@ -228,9 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict with an exported model or a run directory")
     pr.add_argument("path", help="exported model directory or run directory")
-    pr.add_argument("texts", nargs="+", help="texts to classify ('-' reads one per line from stdin)")
-    pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.add_argument("texts", nargs="+", help="inputs ('-' reads one per line from stdin); output one line each "
+                    "(classification: label, score, text; other tasks: a JSON object)")
+    pr.add_argument("--json", action="store_true", help="print one JSON array")
+    pr.add_argument("--json-input", action="store_true",
+                    help="each input is JSON: a list of words (token_classification) or an object of the "
+                         "prompt template's columns (causal_lm, seq2seq)")
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--max-new-tokens", type=int, help="generation tasks: at most this many new tokens "
+                    "(default: the task's)")
     pr.set_defaults(fn=cmd_predict)
     return p
 

@@ -165,29 +165,29 @@ def eval_batches(built, n: int, batch_size: int = 16) -> list[dict]:
 
 @torch.no_grad()
 def run_model(model, task, batches) -> dict:
-    """Logits ([B, C] or [B, T, C], float32 on CPU) and the task's predictions."""
+    """Logits ([positions, C], float32 on CPU; positions from ``task.logit_mask``) and the task's metrics."""
+    from accelerate.utils import send_to_device
+
     model.eval()
     dev = device_of(model)
     logits, preds, refs = [], [], []
     for b in batches:
-        b = {k: v.to(dev) for k, v in b.items()}
-        logits.append(model(**{k: v for k, v in b.items() if k != "labels"}).logits.float().cpu())
+        b = send_to_device(b, dev)
+        # Teacher-forced forward: the tensors a model takes (labels give T5 its decoder inputs),
+        # not the generation prompts (gen_*) or python lists (references, truncated tails).
+        out = model(**{k: v for k, v in b.items() if torch.is_tensor(v) and not k.startswith("gen_")}).logits
+        mask = task.logit_mask(b)
+        logits.append((out if mask is None else out[mask]).float().cpu())
+        del out
         p, r = task.eval_step(model, b)
         preds += p
         refs += r
     return {"logits": logits, "metrics": task.metrics(preds, refs), "device": dev}
 
 
-def compare(ref: list[torch.Tensor], other: list[torch.Tensor], batches: list[dict]) -> dict:
-    """max/mean |Δlogit| and argmax agreement; per-token tasks count non-padding tokens."""
-    a_all, b_all = [], []
-    for a, b, batch in zip(ref, other, batches):
-        if a.dim() == 3:
-            m = batch["attention_mask"].bool()
-            a, b = a[m], b[m]
-        a_all.append(a.reshape(-1, a.shape[-1]))
-        b_all.append(b.reshape(-1, b.shape[-1]))
-    a, b = torch.cat(a_all), torch.cat(b_all)
+def compare(ref: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
+    """max/mean |Δlogit| and argmax agreement over the compared positions (examples or tokens)."""
+    a, b = torch.cat(ref), torch.cat(other)
     d = (a - b).abs()
     agree = a.argmax(-1) == b.argmax(-1)
     top2 = a.topk(min(2, a.shape[-1]), -1).values
@@ -264,7 +264,9 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", verify: bo
         ref = run_model(built.model, built.task, batches)
     meta = {"schema": "peftkit.export/1", "source_run": str(run_dir.resolve()), "recipe_hash": recipe.hash(),
             "strategy": recipe.strategy.name, "task": recipe.task.kind,
-            "max_length": getattr(recipe.task, "max_length", None)}
+            "max_length": getattr(recipe.task, "max_length", None),
+            # What prediction needs of the task: label names, prompt template, chat template, lengths.
+            "task_config": recipe.task.model_dump(mode="json")}
     with atomic_dir(out) as tmp:
         if adapter_only:
             meta.update(format=_save_adapter(built, tmp), merged=False)
@@ -304,7 +306,7 @@ def _verify(run_dir: Path, out: Path, recipe, task, meta: dict, batches, ref, dt
 
     exported = Predictor.load(out)  # fresh from disk: plain transformers for a merged export
     got = run_model(exported.model, task, batches)
-    cmp = compare(ref["logits"], got["logits"], batches)
+    cmp = compare(ref["logits"], got["logits"])
     precision = precision_of(recipe, dtype, meta["merged"], ref["device"])
     tol = tolerance(precision, cmp["max_abs_logit"])
     report = {
@@ -337,7 +339,7 @@ def _original_base_error(run_dir: Path, dtype: str, batches, ref) -> dict:
     built = load_trained(run_dir, base="original")
     model = built.strategy.merge(built.model).to(DTYPES[dtype])
     got = run_model(model, built.task, batches)
-    cmp = compare(ref["logits"], got["logits"], batches)
+    cmp = compare(ref["logits"], got["logits"])
     return {"base": "original-full-precision", "max_abs_logit_diff": cmp["max_abs_logit_diff"],
             "mean_abs_logit_diff": cmp["mean_abs_logit_diff"], "argmax_agreement": cmp["argmax_agreement"],
             "metrics": got["metrics"]}

@@ -101,4 +101,8 @@ def test_shipped_compare_recipes_validate(tmp_path):
     assert shipped
     for f in shipped:
         runs = C.plan(f, tmp_path / "o")
-        assert len({r.variant for r in runs}) >= 3 and all(r.recipe.train.max_steps for r in runs)
+        assert len({r.variant for r in runs}) >= 3, f
+        # One shared budget: the same steps (or epochs), batch and data for every variant.
+        budgets = {(r.recipe.train.max_steps, r.recipe.train.epochs, r.recipe.train.batch_size,
+                    r.recipe.task.data.model_dump_json()) for r in runs}
+        assert len(budgets) == 1, (f, budgets)

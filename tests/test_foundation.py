@@ -88,3 +88,20 @@ def test_quantized_head_stays_out_of_4bit(tiny_models, sentiment_dir):
     head = b.strategy.base_model(b.model).classifier
     assert all(not isinstance(m, bnb.nn.Linear4bit) for m in head.modules())
     assert any(p.requires_grad and p.dtype == torch.float32 for p in head.parameters())
+
+
+def test_length_grouped_batches_longest_first_and_a_permutation():
+    import random
+
+    from peftkit.trainer import length_grouped_batches
+
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 200) for _ in range(1000)]
+    batches = length_grouped_batches(lengths, batch_size=8, seed=3, mega=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    assert max(lengths[i] for i in batches[0]) == max(lengths)
+    # Batches are length-grouped: within one, lengths span far less than the whole range.
+    spread = sorted(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spread[len(spread) // 2] < 50
+    assert batches == length_grouped_batches(lengths, batch_size=8, seed=3, mega=4)

@@ -101,7 +101,7 @@ def test_metrics():
 
 def test_causal_lm_trains_and_generates(tiny_models, instr_dir, tmp_path):
     base = fit(gen_recipe(tiny_models["llama"], instr_dir, strategy="full", max_steps=0), tmp_path / "base")
-    res = fit(gen_recipe(tiny_models["llama"], instr_dir, strategy="full", max_steps=40), tmp_path / "full")
+    res = fit(gen_recipe(tiny_models["llama"], instr_dir, strategy="full", max_steps=40, lr=1e-2), tmp_path / "full")
     m0, m = base["metrics"]["eval"], res["metrics"]["eval"]
     assert m["eval_loss"] < m0["eval_loss"] - 1.0  # learnt the answers
     assert m["accuracy"] > m0["accuracy"]

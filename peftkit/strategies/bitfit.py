@@ -38,8 +38,9 @@ class BitFit(Strategy):
     def apply(self, model, head):
         bs = biases(model, head)
         if not bs:
-            raise UserError(f"strategy 'bitfit': {type(model).__name__} has no bias parameters outside the "
-                            f"task head (e.g. Llama-style models); use ia3 or lora")
+            where = " outside the task head" if head else ""
+            raise UserError(f"strategy 'bitfit': {type(model).__name__} has no bias parameters{where} "
+                            f"(bias-free linears and norms, as in Llama or T5); use ia3 or lora")
         freeze_all(model)
         for b in bs:
             b.requires_grad_(True)

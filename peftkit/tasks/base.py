@@ -83,6 +83,11 @@ class Task:
     def metrics(self, preds: list, refs: list) -> dict[str, float]:
         raise NotImplementedError
 
+    def logit_mask(self, batch):
+        """Bool [B, T]: the positions whose logits are predictions (``export --verify`` compares
+        those); None when the model gives one row of logits per example."""
+        return None
+
     def info(self) -> dict[str, Any]:
         """What result.json records about the task (label names, sizes, truncation)."""
         return {}

@@ -54,13 +54,17 @@ class CausalLM(GenerationTask):
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, full input ids, labels), the prompt cut in the middle if too long."""
-        p, r = self.prompt_ids(prompt), self.target_ids(target)
-        budget = self.cfg.max_length - len(r)
-        if len(p) > budget:
-            self.truncated += 1
-            tail = min(KEEP_TAIL, budget // 2)
-            p = p[: budget - tail] + p[len(p) - tail:]
+        r = self.target_ids(target)
+        p = self.fit_prompt(self.prompt_ids(prompt), self.cfg.max_length - len(r))
         return p, p + r, [-100] * len(p) + r
+
+    def fit_prompt(self, p: list[int], budget: int) -> list[int]:
+        """Prompt ids cut in the middle to at most ``budget`` tokens (counted in ``truncated``)."""
+        if len(p) <= budget:
+            return p
+        self.truncated += 1
+        tail = min(KEEP_TAIL, budget // 2)
+        return p[: budget - tail] + p[len(p) - tail:]
 
     def datasets(self) -> dict:
         import datasets
@@ -114,6 +118,11 @@ class CausalLM(GenerationTask):
         texts = self.decode(out[:, prompt.shape[1]:])
         preds = [{"text": t, "nll": a, "tokens": b} for t, a, b in zip(texts, nll, tokens)]
         return preds, batch["refs"]
+
+    def logit_mask(self, batch):
+        # The positions that predict a response token (t predicts t+1): vocabulary-sized rows, so not the prompt's.
+        labels = batch["labels"]
+        return torch.cat([labels[:, 1:] != -100, torch.zeros_like(labels[:, :1], dtype=torch.bool)], 1)
 
     def info(self):
         return {**super().info(), "chat_template": self.uses_chat_template(), "packing": self.cfg.packing}

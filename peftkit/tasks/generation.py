@@ -153,7 +153,7 @@ class GenerationTask(Task):
             where = f"task.data.{split}" + (f" ({c.data.path(split)})" if c.data.path(split) else "")
             require_columns(ds, cols + [c.response_column], where)
             values = {k: ds[k] for k in cols}
-            prompts = [c.prompt.format_map({k: _text(values[k][i]) for k in cols}) for i in range(len(ds))]
+            prompts = [self.prompt_text({k: values[k][i] for k in cols}) for i in range(len(ds))]
             refs = []
             for i, v in enumerate(ds[c.response_column]):
                 rs = [_text(x) for x in v] if isinstance(v, (list, tuple)) else [_text(v)]
@@ -163,6 +163,10 @@ class GenerationTask(Task):
                 refs.append(rs)
             out[split] = (prompts, refs)
         return out
+
+    def prompt_text(self, row: dict) -> str:
+        """The template filled with a row's columns (a list value joined with spaces)."""
+        return self.cfg.prompt.format_map({k: _text(row[k]) for k in placeholders(self.cfg.prompt)})
 
     def target_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]

@@ -37,19 +37,22 @@ class Seq2Seq(GenerationTask):
     def datasets(self) -> dict:
         import datasets
 
-        c = self.cfg
-        src_len = c.max_length - c.max_target_length
         out = {}
         for split, (prompts, refs) in self.rows().items():
-            full = self.tokenizer(prompts)["input_ids"]
-            src = self.tokenizer(prompts, truncation=True, max_length=src_len)["input_ids"]
-            self.truncated += sum(len(f) > src_len for f in full)
+            src = self.source_ids(prompts)
             tgt = [self.target_ids(rs[0]) for rs in refs]
             cols = {"input_ids": src, "labels": tgt, "length": [len(s) + len(t) for s, t in zip(src, tgt)]}
             if split != "train":
                 cols["refs"] = refs
             out[split] = datasets.Dataset.from_dict(cols)
         return out
+
+    def source_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Encoder inputs: prompts cut at the end to leave ``max_target_length`` of ``max_length``."""
+        src_len = self.cfg.max_length - self.cfg.max_target_length
+        full = self.tokenizer(prompts)["input_ids"]
+        self.truncated += sum(len(f) > src_len for f in full)
+        return self.tokenizer(prompts, truncation=True, max_length=src_len)["input_ids"]
 
     def collate(self, features):
         ids = [f["input_ids"] for f in features]
@@ -58,6 +61,9 @@ class Seq2Seq(GenerationTask):
         if "refs" in features[0]:
             batch["refs"] = [f["refs"] for f in features]
         return batch
+
+    def logit_mask(self, batch):
+        return batch["labels"] != -100  # decoder positions, one per target token
 
     @torch.no_grad()
     def eval_step(self, model, batch):

@@ -29,6 +29,16 @@ def _sort_tags(tags: set[str]) -> list[str]:
     return sorted(tags, key=lambda t: (t != "O", t[2:] if t[1:2] == "-" else t, t))
 
 
+def first_subwords(word_ids: list[int | None]) -> list[tuple[int, int]]:
+    """(token position, word index) of each word's first sub-word: the one that carries its tag."""
+    out, prev = [], None
+    for j, w in enumerate(word_ids):
+        if w is not None and w != prev:
+            out.append((j, w))
+        prev = w
+    return out
+
+
 class TokenClassification(Task):
     kind = "token_classification"
     Config = TokenClassificationConfig
@@ -96,11 +106,11 @@ class TokenClassification(Task):
             enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=c.max_length)
             labels, tails = [], []
             for i, tags in enumerate(tag_ids):
-                lab, prev = [], None
-                for w in enc.word_ids(i):
-                    lab.append(tags[w] if w is not None and w != prev else -100)
-                    prev = w
-                seen = max((w for w in enc.word_ids(i) if w is not None), default=-1) + 1
+                lab = [-100] * len(enc["input_ids"][i])
+                firsts = first_subwords(enc.word_ids(i))
+                for j, w in firsts:
+                    lab[j] = tags[w]
+                seen = firsts[-1][1] + 1 if firsts else 0
                 tails.append(tags[seen:])  # words lost to truncation
                 self.truncated += seen < len(tags)
                 labels.append(lab)
@@ -133,6 +143,9 @@ class TokenClassification(Task):
             preds.append([self.labels[pred[i][j]] for j in keep] + ["O"] * len(tail))
             refs.append([self.labels[lab[j]] for j in keep] + [self.labels[t] for t in tail])
         return preds, refs
+
+    def logit_mask(self, batch):
+        return batch["attention_mask"].bool()  # every real token, not only the tagged first sub-words
 
     def metrics(self, preds, refs):
         from seqeval.metrics import accuracy_score, classification_report
