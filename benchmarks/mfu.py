@@ -46,6 +46,41 @@ def worker_peak(spec: dict) -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
+def worker_shapes(spec: dict) -> dict:
+    """Matmul FLOP/s at one transformer layer's own training shapes: the ceiling for MFU.
+
+    ``rows`` = padded tokens of a typical step. Per linear (in -> out): forward X[rows,in] @
+    W[in,out], input gradient dY[rows,out] @ W^T, weight gradient X^T @ dY; four hidden x hidden
+    linears (q, k, v, attention output) and the two feed-forward ones.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    from peftkit.backbone import resolve
+
+    cfg = AutoConfig.from_pretrained(resolve(spec["model"]))
+    h, i, rows = cfg.hidden_size, cfg.intermediate_size, spec["rows"]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["precision"]]
+    out = {}
+    flops = secs = 0.0
+    for k, n in [(h, h)] * 4 + [(h, i), (i, h)]:
+        for m, kk, nn in ((rows, k, n), (rows, n, k), (k, rows, n)):  # forward, input grad, weight grad
+            a, b = torch.randn(m, kk, dtype=dtype), torch.randn(kk, nn, dtype=dtype)
+            torch.matmul(a, b)
+            best = min(_timed(lambda: torch.matmul(a, b), spec["iters"]) for _ in range(spec["repeats"]))
+            flops += 2.0 * m * kk * nn
+            secs += best
+            out[f"{m}x{kk}x{nn}"] = 2.0 * m * kk * nn / best
+    return {"rows": rows, "hidden": h, "intermediate": i, "flops_per_s": flops / secs, "by_shape": out}
+
+
+def _timed(fn, iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
 def worker_train(spec: dict) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -116,7 +151,20 @@ def run(args) -> dict:
                 print(f"{strategy:8s} {precision}: {r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s = MFU {100 * r['mfu']:5.1f}% "
                       f"({r['speed']['tokens_per_s']:.0f} tok/s, {r['flops_per_token'] / 1e6:.1f} MFLOP/token, "
                       f"load {r['loadavg_after'][0]:.1f})", flush=True)
-    return {"schema": "peftkit.bench.mfu/1", "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    # The ceiling: the same matmuls a layer runs, at the padded rows of a median step of the runs.
+    ok = [r for r in runs if "error" not in r]
+    shapes = {}
+    if ok:
+        sp = sorted(ok, key=lambda r: r["speed"]["padded_tokens_per_s"] / r["speed"]["samples_per_s"])[len(ok) // 2]["speed"]
+        rows = max(1, round(args.batch * sp["padded_tokens_per_s"] / sp["samples_per_s"]))
+        for precision in args.precision:
+            shapes[precision] = common.run_worker(script, {"kind": "shapes", "model": args.model, "rows": rows,
+                                                           "precision": precision, "iters": 20, "repeats": args.repeats},
+                                                  env={"OMP_WAIT_POLICY": "PASSIVE"})
+            v = shapes[precision]
+            print(f"matmul at the layer's shapes ({rows} rows, {precision}): {v['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                  f"{100 * v['flops_per_s'] / peak['peaks'][precision]['flops_per_s']:.1f}% of peak", flush=True)
+    return {"schema": "peftkit.bench.mfu/1", "shapes": shapes, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "peak": peak, "runs": runs, "wall_s": time.time() - t0}
 
 
@@ -130,7 +178,16 @@ def markdown(data: dict, env: dict) -> str:
              f"{a['max_length']}, dynamic padding + length-grouped batches, {a['steps']} steps ({a['warmup']} warm-up "
              "excluded), model FLOPs counted per call by `peftkit.flops` (real tokens, backward where gradients flow, + "
              "attention). "
-             "Median over repetitions.", "",
+             "Median over repetitions."]
+    for p, v in (data.get("shapes") or {}).items():
+        pk = peaks[p]["flops_per_s"]
+        lines += ["", f"Ceiling ({p}): the matmuls of one MiniLM layer at its own training shapes (forward, input and "
+                  f"weight gradients; {v['rows']} rows = padded tokens of a median step; hidden {v['hidden']}, "
+                  f"feed-forward {v['intermediate']}) run at {v['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                  f"**{100 * v['flops_per_s'] / pk:.1f}% of the peak**: the MFU a training step could reach if it did "
+                  "nothing but these matmuls, one per linear as transformers runs them (fusing q/k/v or a larger "
+                  "batch makes them bigger)."]
+    lines += ["",
              "| strategy | precision | trainable % | MFLOP/token | tokens/s | model GFLOP/s | MFU vs matmul peak | "
              "MFU by result.json (compute-only timing) | target |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -180,7 +237,8 @@ def main(argv=None):
         import peftkit  # noqa: F401  first, as in a user's program (threading defaults)
 
         common.quiet()
-        common.emit(worker_peak(spec) if spec["kind"] == "peak" else worker_train(spec))
+        work = {"peak": worker_peak, "shapes": worker_shapes, "train": worker_train}[spec["kind"]]
+        common.emit(work(spec))
         return 0
     from peftkit import strategies
 
