@@ -139,9 +139,6 @@ class GenerationTask(Task):
 
     @classmethod
     def check(cls, recipe) -> list[str]:
-        if recipe.strategy.name == "freeze":
-            return [f"strategy 'freeze' trains only a new task head, and task '{cls.kind}' has none "
-                    "(it generates with the pretrained LM head); use lora, ia3 or full"]
         return []
 
     def rows(self) -> dict[str, tuple[list[str], list[list[str]]]]:

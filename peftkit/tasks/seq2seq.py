@@ -27,6 +27,10 @@ class Seq2Seq(GenerationTask):
         problems = super().check(recipe)
         if getattr(recipe.train, "padding_free", False):
             problems.append("train.padding_free is for causal_lm tasks, not seq2seq")
+        if recipe.strategy.name == "freeze":
+            # "The first N blocks" is not defined for two block stacks (encoder and decoder).
+            problems.append("strategy 'freeze' freezes the first N blocks of one block stack; an encoder-decoder "
+                            "has two: use lora, full or strategy.target_modules with ia3")
         return problems
 
     def auto_class(self):
