@@ -227,7 +227,13 @@ TARGETS = {"identical": 1.1, "defaults": 2.0}
 
 def markdown(data: dict, env: dict) -> str:
     a = data["args"]
-    lines = ["# peftkit vs HF Trainer + peft (MiniLM, SST-2)", "",
+    lines = ["# peftkit vs HF Trainer + peft (MiniLM, SST-2)", ""]
+    if not data["runs"]:  # accuracy runs only
+        lines += [f"Builtin MiniLM (all-MiniLM-L6-v2) on a fixed {max(a['n_train'], a['acc_steps'] * a['batch'])}-sentence "
+                  f"subset of SST-2 train ({a['acc_steps']} steps of {a['batch']}: one epoch), max length "
+                  f"{a['max_length']}, each run in a fresh process."]
+    else:
+        lines += [
              f"Builtin MiniLM (all-MiniLM-L6-v2) on a fixed {a['n_train']}-sentence subset of SST-2 train, batch "
              f"{a['batch']}, max length {a['max_length']}, {a['steps']} steps per run ({a['warmup']} warm-up steps "
              f"excluded), {a['reps']} repetitions, tools alternating, each run in a fresh process. Ratios are "
