@@ -183,29 +183,13 @@ def _prompt(task, x) -> str:
 
 @torch.no_grad()
 def generate(pred: Predictor, inputs: list, batch_size: int, max_new_tokens: int | None = None) -> list[dict]:
-    from .tasks.generation import pad, unwrap
-
-    task, tok = pred.task, pred.tokenizer
-    c = task.cfg
+    task = pred.task
     if max_new_tokens is not None:
-        task = tasks.get(c.model_copy(update={"max_new_tokens": max_new_tokens}), tok)
-    m = unwrap(pred.model)
+        task = tasks.get(task.cfg.model_copy(update={"max_new_tokens": max_new_tokens}), pred.tokenizer)
     out = []
     for chunk in _batches([_prompt(task, x) for x in inputs], batch_size):
-        if task.kind == "causal_lm":
-            # The prompt as in training (chat template, bos), cut to leave room for a response.
-            ids = [task.fit_prompt(task.prompt_ids(t), c.max_length - c.max_target_length) for t in chunk]
-            left = True  # generation continues the last position
-            gc = task.generation_config(m)
-        else:
-            ids, left = task.source_ids(chunk), False
-            gc = task.generation_config(m, decoder_start_token_id=m.config.decoder_start_token_id)
-        batch = pred.to_device({"input_ids": pad(ids, tok.pad_token_id, left=left),
-                                "attention_mask": pad([[1] * len(x) for x in ids], 0, left=left)})
-        gen = m.generate(**batch, generation_config=gc)
-        if task.kind == "causal_lm":
-            gen = gen[:, batch["input_ids"].shape[1]:]
-        out += [{"text": t} for t in task.decode(gen)]
+        batch = pred.to_device(task.prompt_batch(chunk))  # the prompts exactly as evaluation builds them
+        out += [{"text": t} for t in task.generate(pred.model, **batch)]
     return out
 
 

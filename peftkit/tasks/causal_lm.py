@@ -112,12 +112,22 @@ class CausalLM(GenerationTask):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, tokens = example_nll(logits[:, :-1], batch["labels"][:, 1:])  # position t predicts t+1
         del logits
-        prompt = batch["gen_input_ids"]
-        out = unwrap(model).generate(input_ids=prompt, attention_mask=batch["gen_attention_mask"],
-                                     generation_config=self.generation_config(model))
-        texts = self.decode(out[:, prompt.shape[1]:])
+        texts = self.generate(model, batch["gen_input_ids"], batch["gen_attention_mask"])
         preds = [{"text": t, "nll": a, "tokens": b} for t, a, b in zip(texts, nll, tokens)]
         return preds, batch["refs"]
+
+    def prompt_batch(self, prompts: list[str]) -> dict:
+        """Prompts as in evaluation (chat template, bos, cut to leave room for a response), left-padded."""
+        c = self.cfg
+        ids = [self.fit_prompt(self.prompt_ids(t), c.max_length - c.max_target_length) for t in prompts]
+        return {"input_ids": pad(ids, self.tokenizer.pad_token_id, left=True),
+                "attention_mask": pad([[1] * len(x) for x in ids], 0, left=True)}
+
+    def generate(self, model, input_ids, attention_mask) -> list[str]:
+        """Greedy continuations of left-padded prompts, decoded without the prompt."""
+        out = unwrap(model).generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     generation_config=self.generation_config(model))
+        return self.decode(out[:, input_ids.shape[1]:])
 
     def logit_mask(self, batch):
         # The positions that predict a response token (t predicts t+1): vocabulary-sized rows, so not the prompt's.

@@ -175,6 +175,14 @@ class GenerationTask(Task):
         return GC(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, num_beams=1,
                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_id, **extra)
 
+    def prompt_batch(self, prompts: list[str]) -> dict:
+        """input_ids/attention_mask for ``generate``, built as in evaluation (used by predict)."""
+        raise NotImplementedError
+
+    def generate(self, model, input_ids, attention_mask) -> list[str]:
+        """Greedy, ``max_new_tokens`` at most: the generated texts only."""
+        raise NotImplementedError
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 

@@ -73,9 +73,17 @@ class Seq2Seq(GenerationTask):
     def eval_step(self, model, batch):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         nll, tokens = example_nll(model(**inputs).logits, batch["labels"])  # decoder logits align with labels
-        m = unwrap(model)
-        out = m.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         generation_config=self.generation_config(
-                             model, decoder_start_token_id=m.config.decoder_start_token_id))
-        preds = [{"text": t, "nll": a, "tokens": b} for t, a, b in zip(self.decode(out), nll, tokens)]
+        texts = self.generate(model, batch["input_ids"], batch["attention_mask"])
+        preds = [{"text": t, "nll": a, "tokens": b} for t, a, b in zip(texts, nll, tokens)]
         return preds, batch["refs"]
+
+    def prompt_batch(self, prompts: list[str]) -> dict:
+        """Encoder inputs as in evaluation, right-padded."""
+        ids = self.source_ids(prompts)
+        return {"input_ids": pad(ids, self.tokenizer.pad_token_id), "attention_mask": pad([[1] * len(x) for x in ids], 0)}
+
+    def generate(self, model, input_ids, attention_mask) -> list[str]:
+        m = unwrap(model)
+        out = m.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config(
+            model, decoder_start_token_id=m.config.decoder_start_token_id))
+        return self.decode(out)
