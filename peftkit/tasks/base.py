@@ -54,6 +54,8 @@ class Task:
     def __init__(self, cfg: TaskConfig, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.truncated = 0  # examples cut to max_length, counted while tokenizing
+        self._raw = None  # raw splits, read once
 
     @classmethod
     def check(cls, recipe) -> list[str]:

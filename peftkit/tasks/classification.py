@@ -48,8 +48,6 @@ class Classification(Task):
     def __init__(self, cfg: ClassificationConfig, tokenizer):
         super().__init__(cfg, tokenizer)
         self.labels: list[str] | None = cfg.labels or BUILTIN_LABELS.get(cfg.data.source or "")
-        self.truncated = 0
-        self._raw = None
 
     def auto_class(self):
         from transformers import AutoModelForSequenceClassification

@@ -132,14 +132,9 @@ class GenerationTask(Task):
     def __init__(self, cfg: GenerationConfig, tokenizer):
         super().__init__(cfg, tokenizer)
         self.primary_metric = PRIMARY[cfg.metric]
-        self.truncated = 0
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if self.eos_id is None:
             raise DataError("model.name: the tokenizer has no eos (or sep) token to end a response with")
-
-    @classmethod
-    def check(cls, recipe) -> list[str]:
-        return []
 
     def rows(self) -> dict[str, tuple[list[str], list[list[str]]]]:
         """Per split: prompts and references (the first reference is the training target)."""

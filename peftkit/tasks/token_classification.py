@@ -48,8 +48,6 @@ class TokenClassification(Task):
     def __init__(self, cfg: TokenClassificationConfig, tokenizer):
         super().__init__(cfg, tokenizer)
         self.labels: list[str] | None = cfg.labels
-        self.truncated = 0
-        self._raw = None
 
     @classmethod
     def check(cls, recipe) -> list[str]:
