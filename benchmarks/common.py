@@ -225,14 +225,18 @@ def env_lines(env: dict) -> list[str]:
     ]
 
 
-def write_results(name: str, data: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+def publish(name: str, data: dict, markdown: str, out_dir: Path = RESULTS, write: bool = True) -> None:
+    """Print the rendered table; with ``write``, save ``<name>.json`` (the data) and ``<name>.md``."""
     from peftkit.io import atomic_write_json, atomic_write_text
 
+    print(markdown)
+    if not write:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     j, m = out_dir / f"{name}.json", out_dir / f"{name}.md"
     atomic_write_json(j, data)
     atomic_write_text(m, markdown)
-    return j, m
+    print(f"wrote {j} and {m}")
 
 
 def fmt(x, digits: int = 1) -> str:

@@ -250,11 +250,7 @@ def main(argv=None):
     env = common.environment()
     data = run(args)
     data["env"], data["loadavg_end"] = env, os.getloadavg()
-    md = markdown(data, env)
-    print(md)
-    if not args.smoke:
-        j, m = common.write_results(args.name, data, md, args.out)
-        print(f"wrote {j} and {m}")
+    common.publish(args.name, data, markdown(data, env), args.out, write=not args.smoke)
     return 0
 
 

@@ -101,10 +101,7 @@ def main(argv=None):
     common.quiet()
     env = common.environment()
     data = run(args)
-    md = markdown(data, env)
-    print(md)
-    j, m = common.write_results(args.name, data, md, args.out)
-    print(f"wrote {j} and {m}")
+    common.publish(args.name, data, markdown(data, env), args.out)
     return 0
 
 

@@ -118,11 +118,8 @@ def main(argv=None):
     meta = {"compare": str(args.compare.relative_to(common.ROOT)) if args.compare.is_relative_to(common.ROOT)
             else str(args.compare), "overrides": overrides, "wall_s": wall,
             "loadavg_end": os.getloadavg(), "runs_dir": str(args.runs)}
-    md = markdown(rows, meta, env)
-    print(md)
-    j, m = common.write_results("sst2_accuracy", {"schema": "peftkit.bench.sst2/1", "meta": meta, "env": env,
-                                                  "variants": rows}, md, args.out)
-    print(f"wrote {j} and {m}")
+    common.publish("sst2_accuracy", {"schema": "peftkit.bench.sst2/1", "meta": meta, "env": env, "variants": rows},
+                   markdown(rows, meta, env), args.out)
     return 0
 
 

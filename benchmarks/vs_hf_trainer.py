@@ -321,11 +321,7 @@ def main(argv=None):
     t0 = time.time()
     data = run(args)
     data["env"], data["wall_s"], data["loadavg_end"] = env, time.time() - t0, os.getloadavg()
-    md = markdown(data, env)
-    print(md)
-    if not args.smoke:
-        j, m = common.write_results(args.name, data, md, args.out)
-        print(f"wrote {j} and {m}")
+    common.publish(args.name, data, markdown(data, env), args.out, write=not args.smoke)
     return 0
 
 
