@@ -45,8 +45,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega:
         chunk = sorted(idx[i : i + size], key=lambda j: -lengths[j])
         batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
-    first = max(range(len(batches)), key=lambda b: lengths[batches[b][0]]) if batches else 0
-    batches.insert(0, batches.pop(first))
+    if batches:  # each batch is sorted longest-first
+        batches.insert(0, batches.pop(max(range(len(batches)), key=lambda b: lengths[batches[b][0]])))
     return batches
 
 
