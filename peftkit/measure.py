@@ -82,13 +82,15 @@ class StepTimer:
         self._t0 = 0.0
 
     @contextmanager
-    def step(self, samples: int, tokens: int):
+    def step(self):
         sync()
         t0 = time.perf_counter()
         yield
         sync()
-        dt = time.perf_counter() - t0
-        self.times.append(dt)
+        self.times.append(time.perf_counter() - t0)
+
+    def add_counts(self, samples: int, tokens: int):
+        """Samples and real tokens of the step just timed (ignored for warm-up steps)."""
         if len(self.times) > self.warmup:
             self.samples += samples
             self.tokens += tokens

@@ -1,0 +1,72 @@
+"""Messages for the user (``warn``) and the run's own log (``log.jsonl`` + an optional tracker)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def warn(msg: str) -> None:
+    print(f"peftkit: warning: {msg}", file=sys.stderr, flush=True)
+
+
+class RunLog:
+    """``RUN_DIR/log.jsonl``, one JSON record per line, mirrored to a tracker (main process only).
+
+    ``tracker`` is anything with ``log(scalars, step)`` and ``close()``; the one plug point
+    for experiment trackers.
+    """
+
+    def __init__(self, path: Path | None, tracker=None):
+        self.f = open(path, "a", encoding="utf-8") if path is not None else None
+        self.tracker = tracker
+
+    def __call__(self, **rec) -> None:
+        if self.f is None:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tracker is not None:
+            self.tracker.log(dict(scalars(rec)), rec["step"])
+
+    def tell(self) -> int:
+        """Bytes written so far (a checkpoint records it; a resume cuts the log back to it)."""
+        return self.f.tell() if self.f is not None else 0
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class TensorBoard:
+    """TensorBoard events in ``path`` when tensorboard is installed (it is optional)."""
+
+    def __init__(self, writer):
+        self.w = writer
+
+    @classmethod
+    def open(cls, path: Path) -> TensorBoard | None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return cls(SummaryWriter(str(path)))
+
+    def log(self, values: dict, step: int) -> None:
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+def scalars(rec: dict, prefix: str = ""):
+    """(name, number) pairs of a nested record, ``eval/accuracy`` style; ``step`` left out."""
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            yield from scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and k != "step":
+            yield f"{prefix}{k}", v
