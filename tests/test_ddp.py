@@ -105,3 +105,31 @@ def test_two_processes_match_one(tiny_models, tmp_path):
     assert sorted(os.listdir(tmp_path / "run2")) == ["log.jsonl", "recipe.yaml", "result.json", "strategy.safetensors"]
     stdout2 = out[2][0]
     assert stdout2.count("[peftkit] done:") == 1 and stdout2.count("trainable") == 1
+
+
+def test_fewer_examples_than_processes_is_a_user_error(tiny_models, tmp_path):
+    """Every global batch dropped (1 train example, 2 processes): one clear line, exit 2 (it used to loop forever)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", sentiment_rows(1, 0))
+    write_csv(data / "validation.csv", sentiment_rows(4, 1))
+    write_csv(data / "test.csv", sentiment_rows(4, 2))
+    r = tiny_recipe(tiny_models["bert"], data, "lora", max_steps=1)
+    r["task"]["labels"] = ["neg", "pos"]
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump(r))
+    cmd = [sys.executable, "-m", "peftkit", "train", str(rec), "--out", str(tmp_path / "run"),
+           "--launcher", "accelerate", "--nproc", "2"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)  # the launcher and both ranks
+    errors = sorted({x for x in err.splitlines() if x.startswith("peftkit: error")})
+    assert errors == ["peftkit: error: task.data: the train split has 1 example(s): fewer than the 2 processes, "
+                      "so every global batch would be dropped; use fewer processes or more data"], err[-3000:]
+    # Each rank exits 2; the launcher (torch elastic) reports that as its own exit 1.
+    assert p.returncode == 1 and err.count("exitcode  : 2") == 2, err[-3000:]
+    assert not (tmp_path / "run" / "result.json").exists()
