@@ -70,3 +70,31 @@ def scalars(rec: dict, prefix: str = ""):
             yield from scalars(v, f"{prefix}{k}/")
         elif isinstance(v, (int, float)) and k != "step":
             yield f"{prefix}{k}", v
+
+
+class Progress:
+    """A rich progress bar with loss and throughput (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                              TextColumn("{task.fields[info]}"), transient=False)
+            self.p.__enter__()
+            self.t = self.p.add_task("train", total=self.total, info="")
+        return self
+
+    def update(self, step, loss, timer):
+        if self.enabled:
+            s = timer.summary()
+            sps = s["train_samples_per_s"]
+            info = f"loss {loss:.4f}" + (f" · {sps:.1f} samples/s" if sps else "")
+            self.p.update(self.t, completed=step, info=info)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)

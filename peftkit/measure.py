@@ -106,6 +106,8 @@ class StepTimer:
         return {
             "warmup_steps": min(self.warmup, len(self.times)),
             "timed_steps": len(timed),
+            "train_samples": self.samples,  # of the timed steps, all processes
+            "train_tokens": self.tokens,
             "step_time_median_s": statistics.median(timed) if timed else None,
             "train_samples_per_s": self.samples / total if total and self.samples else None,
             "train_tokens_per_s": self.tokens / total if total and self.tokens else None,

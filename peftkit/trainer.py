@@ -22,7 +22,7 @@ from .build import Built
 from .checkpoint import Checkpointer
 from .errors import UserError
 from .io import atomic_write_json, save_safetensors
-from .log import RunLog, TensorBoard, warn
+from .log import Progress, RunLog, TensorBoard, warn
 from .nonfinite import NonFiniteGuard
 from .state import TrainState
 from .strategies import count_params
@@ -183,7 +183,7 @@ class Trainer:
     def fit(self) -> dict:
         run = self._setup()
         st, t_train = run.state, time.perf_counter()
-        progress = _progress(run.total, enabled=self.tc.progress and self.acc.is_main_process)
+        progress = Progress(run.total, enabled=self.tc.progress and self.acc.is_main_process)
         with measure.PeakRSS() as rss, progress as bar, run.ck.signals:
             while st.step < run.total:
                 batches, sizes = self._epoch(run)
@@ -378,31 +378,3 @@ def _flop_counter(model):
     except Exception as e:
         warn(f"model FLOPs are not counted: {e.__class__.__name__}: {e}")
         return None
-
-
-class _progress:
-    """A rich progress bar with loss and throughput (silent when disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                              TextColumn("{task.fields[info]}"), transient=False)
-            self.p.__enter__()
-            self.t = self.p.add_task("train", total=self.total, info="")
-        return self
-
-    def update(self, step, loss, timer):
-        if self.enabled:
-            s = timer.summary()
-            sps = s["train_samples_per_s"]
-            info = f"loss {loss:.4f}" + (f" · {sps:.1f} samples/s" if sps else "")
-            self.p.update(self.t, completed=step, info=info)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)
