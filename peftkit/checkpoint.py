@@ -136,7 +136,7 @@ def clean_partial(root: Path) -> None:
     """Remove temporary directories left by a kill during a checkpoint write."""
     if root.is_dir():
         for p in root.iterdir():
-            if is_partial(p.name):
+            if is_partial(p.name) or p.name.startswith((".tmp-", ".old-")):  # (older peftkit's names)
                 shutil.rmtree(p, ignore_errors=True)
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -111,7 +112,7 @@ def test_two_processes_match_one(tiny_models, tmp_path):
 
 
 def test_fewer_examples_than_processes_is_a_user_error(tiny_models, tmp_path):
-    """Every global batch dropped (1 train example, 2 processes): one clear line, exit 2 (it used to loop forever)."""
+    """Every global batch dropped (1 train example, 2 processes): one clear line per rank, each exits 2 (it used to loop forever)."""
     data = tmp_path / "data"
     data.mkdir()
     write_csv(data / "train.csv", sentiment_rows(1, 0))
@@ -123,16 +124,17 @@ def test_fewer_examples_than_processes_is_a_user_error(tiny_models, tmp_path):
     rec.write_text(yaml.safe_dump(r))
     cmd = [sys.executable, "-m", "peftkit", "train", str(rec), "--out", str(tmp_path / "run"),
            "--launcher", "accelerate", "--nproc", "2"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
         _, err = p.communicate(timeout=300)
     finally:
-        if p.poll() is None:  # SIGTERM: torch elastic stops its ranks (they run in their own sessions)
-            p.terminate()
-            p.wait(60)
-    errors = sorted({x for x in err.splitlines() if x.startswith("peftkit: error")})
-    assert errors == ["peftkit: error: task.data: the train split has 1 example(s): fewer than the 2 processes, "
-                      "so every global batch would be dropped; use fewer processes or more data"], err[-3000:]
+        if p.poll() is None:  # SIGTERM to peftkit and the launcher; torch elastic then stops its ranks
+            os.killpg(p.pid, signal.SIGTERM)
+            p.communicate(timeout=120)  # elastic escalates to SIGKILL after ~30 s
+    msg = ("peftkit: error: task.data: the train split has 1 example(s): fewer than the 2 processes, "
+           "so every global batch would be dropped; use fewer processes or more data")
+    assert err.count(msg) == 2, err[-3000:]  # one line from each rank (they may share a line of stderr)
     # Each rank exits 2; the launcher (torch elastic) reports that as its own exit 1.
     assert p.returncode == 1 and err.count("exitcode  : 2") == 2, err[-3000:]
     assert not (tmp_path / "run" / "result.json").exists()
