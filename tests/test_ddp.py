@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,7 +113,7 @@ def test_two_processes_match_one(tiny_models, tmp_path):
 
 
 def test_fewer_examples_than_processes_is_a_user_error(tiny_models, tmp_path):
-    """Every global batch dropped (1 train example, 2 processes): one clear line per rank, each exits 2 (it used to loop forever)."""
+    """Every global batch dropped (1 train example, 2 processes): one clear line, a rank exits 2 (it used to loop forever)."""
     data = tmp_path / "data"
     data.mkdir()
     write_csv(data / "train.csv", sentiment_rows(1, 0))
@@ -134,7 +135,8 @@ def test_fewer_examples_than_processes_is_a_user_error(tiny_models, tmp_path):
             p.communicate(timeout=120)  # elastic escalates to SIGKILL after ~30 s
     msg = ("peftkit: error: task.data: the train split has 1 example(s): fewer than the 2 processes, "
            "so every global batch would be dropped; use fewer processes or more data")
-    assert err.count(msg) == 2, err[-3000:]  # one line from each rank (they may share a line of stderr)
-    # Each rank exits 2; the launcher (torch elastic) reports that as its own exit 1.
-    assert p.returncode == 1 and err.count("exitcode  : 2") == 2, err[-3000:]
+    # From each rank that gets there first: torch elastic stops the other once one has exited.
+    assert err.count(msg) >= 1 and not re.search(r"peftkit: error: (?!task\.data: the train split)", err), err[-3000:]
+    # A rank exits 2; the launcher (torch elastic) reports that as its own exit 1.
+    assert p.returncode == 1 and re.search(r"exitcode\s*:?\s*2\b", err), err[-3000:]
     assert not (tmp_path / "run" / "result.json").exists()
