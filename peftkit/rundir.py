@@ -129,7 +129,7 @@ def read_recipe(d: str | Path):
     return r
 
 
-def no_weights(d: Path) -> UserError:
+def no_weights(d: Path, recipe) -> UserError:
     """Why a run directory has no weights to load, and what to do about it."""
     step = last_step(d)
     if not (d / RESULT).is_file() and step is not None:
@@ -138,7 +138,9 @@ def no_weights(d: Path) -> UserError:
                          f"peftkit train {d / RECIPE} --out {d}")
     if not (d / RESULT).is_file():
         return UserError(f"{d}: the run did not finish and left no checkpoint; train it again")
-    return UserError(f"{d}: no {WEIGHTS} (was it trained with output.save_weights: false?)")
+    if not recipe.output.save_weights:
+        return UserError(f"{d}: trained with output.save_weights: false, so it has no weights to load")
+    return UserError(f"{d}: {WEIGHTS} is missing (the finished run wrote it; was it moved or deleted?)")
 
 
 def read_weights(path: Path) -> dict:
@@ -166,7 +168,7 @@ def load_weights(built, d: Path) -> None:
         if res.unexpected_keys:
             raise UserError(f"{adapter}: weights do not fit the model: unknown {res.unexpected_keys[:3]}")
     else:
-        raise no_weights(d)
+        raise no_weights(d, built.recipe)
 
 
 def load_trained(d: str | Path, base: str = "as-trained"):
@@ -182,7 +184,7 @@ def load_trained(d: str | Path, base: str = "as-trained"):
     d = Path(d)
     recipe = read_recipe(d)
     if not (d / WEIGHTS).is_file() and not (d / ADAPTER).is_file():
-        raise no_weights(d)  # before minutes of model loading
+        raise no_weights(d, recipe)  # before minutes of model loading
     quantized = recipe.model.quantization != "none"
     if base == "original" and quantized:
         # model_copy skips validation: a qlora recipe without quantization would not validate.
