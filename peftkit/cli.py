@@ -65,7 +65,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out or r.run_dir())
-    from .checkpoint import check_run_dir
+    from .rundir import check_run_dir
 
     # Resuming is automatic: a run dir with checkpoints of this recipe continues where it stopped.
     # Rank 0 decides (other ranks would find its files); the trainer shares its choice.

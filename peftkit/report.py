@@ -18,11 +18,14 @@ BASELINE = "full"
 
 def primary(res: dict) -> tuple[str, float | None]:
     """The task's primary metric name and value of one result."""
-    from . import tasks
+    metrics = res.get("metrics") or {}
+    # As the run recorded it: a generation task's depends on its task.metric, not on its class.
+    name = metrics.get("primary_metric") or (res.get("task") or {}).get("primary_metric")
+    if name is None:  # a result without it
+        from . import tasks
 
-    kind = res.get("run", {}).get("task")
-    name = getattr(tasks.REGISTRY.get(kind), "primary_metric", None) or "accuracy"
-    return name, (res.get("metrics", {}).get("eval") or {}).get(name)
+        name = getattr(tasks.REGISTRY.get((res.get("run") or {}).get("task")), "primary_metric", "accuracy")
+    return name, (metrics.get("eval") or {}).get(name)
 
 
 def _row(res: dict, variant: str, seed) -> dict:

@@ -150,8 +150,8 @@ class Trainer:
         t_start = time.perf_counter()
         data = b.task.datasets()
         data_s = time.perf_counter() - t_start
-        if n := b.task.info().get("truncated_examples"):
-            warn(f"{n} example(s) longer than task.max_length={b.recipe.task.max_length} tokens were truncated")
+        for note in b.task.notes():  # truncation, skipped bad rows
+            warn(note)
         ck = Checkpointer(self.acc, self.run_dir, b.recipe, self.resume)
         resumed = ck.begin()
         if self.acc.is_main_process:
