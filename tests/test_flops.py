@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from peftkit import measure
+from peftkit import flops
 from peftkit.flops import FlopCounter
 
 
@@ -188,5 +188,5 @@ def test_trainer_reports_model_flops(tiny_models, sentiment_dir, tmp_path):
 
 
 def test_mfu_and_peak():
-    assert measure.mfu(50.0, 100.0) == 0.5 and measure.mfu(None, 100.0) is None
-    assert measure.matmul_peak_flops("cpu", torch.float32, n=64, iters=2, warmup=1) > 0
+    assert flops.mfu(50.0, 100.0) == 0.5 and flops.mfu(None, 100.0) is None
+    assert flops.matmul_peak_flops("cpu", torch.float32, n=64, iters=2, warmup=1) > 0
