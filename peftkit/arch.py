@@ -78,6 +78,9 @@ ARCHS: dict[str, Arch] = {
     "gpt2": Arch("decoder", "gpt2", lora=("c_attn", "c_proj", "c_fc"), attention="GPT2Attention",
                  qkv=("c_attn",) * 3, attn_out=("GPT2Attention", "c_proj"), ffn_out=("GPT2MLP", "c_proj"),
                  layers="transformer.h", conv1d=True),
+    "phi3": Arch("decoder", "phi3", lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), attention="Phi3Attention",
+                 qkv=("qkv_proj",) * 3, attn_out=("Phi3Attention", "o_proj"), ffn_out=("Phi3MLP", "down_proj"),
+                 layers="model.layers"),
     "t5": Arch("seq2seq", "t5", lora=("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"), prefix=False),
 }
 KNOWN = tuple(ARCHS)
