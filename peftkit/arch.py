@@ -14,6 +14,7 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 from torch import nn
@@ -114,15 +115,27 @@ def of(model: nn.Module) -> Arch | None:
     return get(getattr(config_of(model), "model_type", None))
 
 
+def _config_json(model_name: str) -> dict | None:
+    cfg = Path(model_name).expanduser() / "config.json"
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a hub id, or a directory checked at load time
+
+
 def model_type_of(model_name: str) -> str | None:
     """The model_type of a recipe's model.name when it is knowable without loading weights."""
     if model_name in BUILTIN_TYPES:
         return BUILTIN_TYPES[model_name]
-    cfg = Path(model_name).expanduser() / "config.json"
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError):
-        return None  # a hub id, or a directory checked at load time
+    return (_config_json(model_name) or {}).get("model_type")
+
+
+def kind_of(model_name: str) -> Kind | None:
+    """``kind`` of a recipe's model.name, read without loading weights (None: not knowable)."""
+    if model_name in BUILTIN_TYPES:
+        return get(BUILTIN_TYPES[model_name]).kind
+    cfg = _config_json(model_name)
+    return kind(SimpleNamespace(**cfg)) if isinstance(cfg, dict) else None
 
 
 def kind(config) -> Kind | None:

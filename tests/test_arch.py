@@ -62,3 +62,14 @@ def test_lora_targets_matching_nothing_is_a_user_error(tiny_models, sentiment_di
     rec["strategy"]["target_modules"] = ["q_proj"]  # a Llama name on a BERT model
     with pytest.raises(UserError, match=r"strategy.target_modules: \['q_proj'\] match no module of Bert"):
         build(from_dict(rec))
+
+
+@pytest.mark.parametrize("task,model,found", [("causal_lm", "bert", "an encoder"), ("seq2seq", "llama", "a decoder"),
+                                              ("causal_lm", "t5", "a seq2seq")])
+def test_generation_task_refuses_the_wrong_kind_of_model(task, model, found, tiny_models, tmp_path):
+    from test_tasks_generation import gen_recipe
+
+    from peftkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=f"task '{task}' needs a .* model, but model.name=.* is {found}"):
+        from_dict(gen_recipe(tiny_models[model], tmp_path, kind=task))
