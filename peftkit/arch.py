@@ -1,6 +1,7 @@
 """Per-architecture facts, one entry per transformers ``model_type`` (cf. peft's
-``utils/constants.py``). Every strategy, the FLOP counter and the recipe checks read this
-table; adding an architecture is one entry in ``ARCHS``.
+``utils/constants.py``). Every strategy, the FLOP counter and the generation tasks' checks
+read this table; adding an architecture is one entry in ``ARCHS``. Model types without an
+entry still get their kind (encoder/decoder/seq2seq) from their config (``kind``).
 
 An entry names classes of ``transformers.models.<module>.modeling_<module>`` and attributes
 on them, so that modules are found by type (``isinstance``), never by parameter name. Roles:
@@ -22,7 +23,6 @@ from torch import nn
 from .errors import UserError
 
 Kind = Literal["encoder", "decoder", "seq2seq"]
-ROLES = ("q", "k", "v", "attn_out", "ffn_out")
 # Attribute on a self-attention module holding its prefix (peftkit.strategies.prefix).
 PREFIX_SLOT = "_peftkit_prefix"
 
@@ -84,7 +84,6 @@ ARCHS: dict[str, Arch] = {
                  layers="model.layers"),
     "t5": Arch("seq2seq", "t5", lora=("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"), prefix=False),
 }
-KNOWN = tuple(ARCHS)
 # Builtin backbones whose architecture is known without loading anything.
 BUILTIN_TYPES = {"builtin:minilm": "bert", "builtin:smollm2": "llama"}
 
@@ -139,15 +138,17 @@ def kind_of(model_name: str) -> Kind | None:
 
 
 def kind(config) -> Kind | None:
-    """Encoder, decoder or seq2seq: the table's entry, else what the config and transformers'
-    auto mappings say (masked-LM models are bidirectional encoders); None when nothing does."""
-    entry = get(getattr(config, "model_type", None))
-    if entry is not None:
-        return entry.kind
+    """Encoder, decoder or seq2seq: what the config says outright (``is_encoder_decoder``,
+    ``is_decoder``: a BERT built as a decoder is one), else the table's entry, else the
+    config's architectures and transformers' auto mappings (masked-LM models are
+    bidirectional encoders); None when nothing says."""
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     if getattr(config, "is_decoder", False):
         return "decoder"
+    entry = get(getattr(config, "model_type", None))
+    if entry is not None:
+        return entry.kind
     for a in getattr(config, "architectures", None) or ():
         if a.endswith(("ForCausalLM", "LMHeadModel")):
             return "decoder"

@@ -25,6 +25,7 @@ def test_every_entry_names_classes_that_exist(model_type):
 @pytest.mark.parametrize("config,kind", [
     (SimpleNamespace(model_type="bert"), "encoder"),  # the table
     (SimpleNamespace(model_type="t5"), "seq2seq"),
+    (SimpleNamespace(model_type="bert", is_decoder=True), "decoder"),  # the config outranks the table
     (SimpleNamespace(model_type="modernbert"), "encoder"),  # transformers' masked-LM mapping
     (SimpleNamespace(model_type="camembert"), "encoder"),  # masked-LM before causal-LM: both list it
     (SimpleNamespace(model_type="gemma"), "decoder"),  # causal-LM mapping only
