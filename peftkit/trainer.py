@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from . import flops, measure, memory, packing
+from . import flops, measure, memory, packing, provenance
 from .build import Built
 from .checkpoint import Checkpointer, warn
 from .errors import UserError
@@ -340,7 +340,7 @@ class Trainer:
                         "primary_metric": b.task.primary_metric,
                         "train_loss": sum(tail) / len(tail) if tail else None},
             "artifact": {},
-            "env": measure.environment(),
+            "env": provenance.environment(),
         }
 
     def _save(self, sd, result):

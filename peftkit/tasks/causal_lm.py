@@ -33,6 +33,7 @@ class CausalLMConfig(GenerationConfig):
 
 class CausalLM(GenerationTask):
     kind = "causal_lm"
+    model_kind = "decoder"
     Config = CausalLMConfig
 
     def auto_class(self):

@@ -19,11 +19,12 @@ import json
 import math
 import re
 import string
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from .. import arch
 from ..errors import DataError, UserError
 from .base import Task, TaskConfig, cell_text, to_device
 
@@ -126,6 +127,16 @@ class GenerationTask(Task):
     """Shared data, references, generation and metrics; subclasses encode and generate."""
 
     head_names = ()
+    model_kind: ClassVar[str]  # the peftkit.arch kind of backbone this task trains
+
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        problems = super().check(recipe)
+        found = arch.kind_of(recipe.model.name)
+        if found is not None and found != cls.model_kind:
+            problems.append(f"task '{cls.kind}' needs a {cls.model_kind} model, but model.name={recipe.model.name} "
+                            f"is {'an' if found == 'encoder' else 'a'} {found} ({arch.model_type_of(recipe.model.name)})")
+        return problems
 
     def __init__(self, cfg: GenerationConfig, tokenizer):
         super().__init__(cfg, tokenizer)

@@ -20,6 +20,7 @@ class Seq2SeqConfig(GenerationConfig):
 
 class Seq2Seq(GenerationTask):
     kind = "seq2seq"
+    model_kind = "seq2seq"
     Config = Seq2SeqConfig
 
     @classmethod
