@@ -17,12 +17,18 @@ rounds every block to 512 B and adds a stated CUDA-context allowance.
 
 from __future__ import annotations
 
+import copy
 import time
+import types
 
 import torch
 
-from . import backbone, memory, strategies, tasks
+from . import backbone, fakes, memory, strategies, tasks
 from .errors import UserError
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+EXACT_LAYERS = 4  # deeper models: traced at 2 and 3 (or 2 and 4) layers, extrapolated linearly
 
 
 def _fake_batch(auto_name: str, batch: int, seq: int, packed: bool) -> dict:
@@ -35,12 +41,11 @@ def _fake_batch(auto_name: str, batch: int, seq: int, packed: bool) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": labels}
 
 
-def _config(recipe, task, tok):
+def _config(mc):
     from transformers import AutoConfig
 
     from .catalog import resolve_config
 
-    mc = recipe.model
     try:
         config = resolve_config(mc.name)
         if config is None:
@@ -48,20 +53,25 @@ def _config(recipe, task, tok):
                                                 trust_remote_code=mc.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"model.name: cannot read the config of '{mc.name}': {str(e).splitlines()[0]}") from None
-    for k, v in task.model_kwargs().items():
-        setattr(config, k, v)
-    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    if getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = pad if pad is not None else 0
     return config
 
 
-def fake_model(recipe, task, tok, device: str):
-    """(model on fake tensors, its AutoModel class name, [quantized linears])."""
-    from . import fakes
+def _tokens(config, tok):
+    """The tokenizer, or for config-only models a stand-in with the config's special ids."""
+    if tok is not None:
+        return tok
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    return types.SimpleNamespace(eos_token_id=eos, pad_token_id=getattr(config, "pad_token_id", None) or eos or 0,
+                                 sep_token_id=getattr(config, "sep_token_id", None), chat_template=None)
 
+
+def fake_model(recipe, config, task, device: str):
+    """(model on meta tensors, its AutoModel class name, [quantized linears])."""
     mc = recipe.model
-    config = _config(recipe, task, tok)
+    for k, v in task.model_kwargs().items():
+        setattr(config, k, v)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = task.tokenizer.pad_token_id
     dtype, cdt = backbone.DTYPES[mc.dtype], backbone.DTYPES[mc.compute_dtype]
     quant = mc.quantization or "none"
     attn = backbone.attention_impl(mc.attn_implementation, dtype if quant == "none" else cdt)
@@ -123,43 +133,101 @@ def _step(model, opt, batch: dict, micro: int, tc) -> None:
 def estimate(recipe, batch_size: int | None = None, seq_len: int | None = None,
              seq_source: str | None = None, device: str | None = None, task=None, tokenizer=None) -> dict:
     """Peak memory of one training step of ``recipe``, predicted from config and shapes only."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    return Estimator(recipe, device, task, tokenizer).at(batch_size, seq_len, seq_source)
 
-    from . import fakes
 
-    t0 = time.perf_counter()
-    mc, tc, target = recipe.model, recipe.train, device or "cpu"
-    batch = batch_size or tc.batch_size
-    seq = seq_len or recipe.task.max_length
-    src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
-    tok = tokenizer if tokenizer is not None else _tokenizer(mc)
-    task = task or tasks.get(recipe.task, tok)
-    model, auto_name, qlinears = fake_model(recipe, task, tok, target)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        _to_fake(model)
-        fakes.quantize(qlinears, mc)
-        trainable, total = strategies.count_params(model)
-        opt = _warm_optimizer(model, tc)
-        weights, optimizer = memory.weight_bytes(model), memory.optimizer_bytes(opt)
-        tracker = memory.LiveMemory(round_to=fakes.BLOCK_ROUND if target == "cuda" else 1)
-        handles = memory.track_state(tracker, model, opt)
-        fb = _fake_batch(auto_name, batch, seq, tc.padding_free)
-        with tracker:
-            _step(model, opt, fb, min(tc.grad_accum, 2), tc)
-        for h in handles:
-            h.remove()
-    peak = tracker.summary()
-    out = {
-        "method": "one whole training step on fake tensors (no weights loaded), live-storage tracker",
-        "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
-        "device": target, "optimizer": tc.optimizer,
-        "params": {"total": total, "trainable": trainable},
-        "weights": weights, "optimizer_state": optimizer,
-        "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"], "total_bytes": peak["peak_bytes"],
-    }
-    out.update(fakes.allowances(target, opt, tracker))
-    out["seconds"] = round(time.perf_counter() - t0, 2)
-    return out
+class Estimator:
+    """Fake models built once per recipe; ``at(batch, seq)`` traces one step at that shape.
+
+    Decoder/encoder layers are identical, so every byte at the peak is linear in the layer
+    count: a deep model is traced at two small layer counts and extrapolated (exact for a
+    repeated block; a test compares it with the full trace).
+    """
+
+    def __init__(self, recipe, device: str | None = None, task=None, tokenizer=None):
+        self.recipe, self.target = recipe, device or "cpu"
+        config = _config(recipe.model)
+        self.config = config
+        self.task = task or tasks.get(recipe.task, _tokens(config, tokenizer if tokenizer is not None
+                                                           else _tokenizer(recipe.model)))
+        key = next((k for k in LAYER_KEYS if isinstance(getattr(config, k, None), int)), None)
+        n = getattr(config, key) if key else 0
+        if n <= EXACT_LAYERS or getattr(config, "is_encoder_decoder", False):
+            self.runs, self.f, self.how = [_FakeRun(recipe, config, self.task, self.target)], None, "every layer traced"
+        else:
+            period = 2 if len(set(getattr(config, "layer_types", None) or [0])) > 1 else 1  # e.g. Gemma-2
+            lo, hi = (2, 3) if period == 1 else (2, 4)
+            self.runs = [_FakeRun(recipe, _with_layers(config, key, k), self.task, self.target) for k in (lo, hi)]
+            self.f, self.how = (n - lo) / (hi - lo), f"{n} layers extrapolated from traces of {lo} and {hi}"
+
+    def at(self, batch_size: int | None = None, seq_len: int | None = None, seq_source: str | None = None) -> dict:
+        t0 = time.perf_counter()
+        tc = self.recipe.train
+        batch, seq = batch_size or tc.batch_size, seq_len or self.recipe.task.max_length
+        src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
+        traces = [r.trace(batch, seq) for r in self.runs]
+        out = traces[0] if self.f is None else _extrapolate(*traces, self.f)
+        peak = out["peak_bytes"] - out.get("paged_optimizer_bytes", 0)
+        out.update({
+            "method": "one whole training step on fake tensors (no weights loaded), live-storage tracker; " + self.how,
+            "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
+            "device": self.target, "optimizer": tc.optimizer, "peak_bytes": peak, "total_bytes": peak,
+        })
+        out.update(fakes.allowances(self.target, peak))
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+
+
+def _with_layers(config, key: str, n: int):
+    c = copy.deepcopy(config)
+    setattr(c, key, n)
+    if getattr(c, "layer_types", None):
+        c.layer_types = c.layer_types[:n]
+    return c
+
+
+def _extrapolate(a, b, f: float):
+    """a + f * (b - a) for every number (nested dicts kept)."""
+    if isinstance(a, dict):
+        return {k: _extrapolate(a[k], b.get(k, a[k]), f) for k in a}
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return int(round(a + f * (b - a)))
+    return a
+
+
+class _FakeRun:
+    """One fake model with its warmed-up optimizer; ``trace`` runs one tracked step (reusable)."""
+
+    def __init__(self, recipe, config, task, target: str):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.tc, self.target = recipe.train, target
+        self.model, self.auto_name, qlinears = fake_model(recipe, copy.deepcopy(config), task, target)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            _to_fake(self.model)
+            fakes.quantize(qlinears, recipe.model)
+            trainable, total = strategies.count_params(self.model)
+            self.opt = _warm_optimizer(self.model, self.tc)
+            self.static = {"params": {"total": total, "trainable": trainable},
+                           "weights": memory.weight_bytes(self.model),
+                           "optimizer_state": memory.optimizer_bytes(self.opt)}
+            if target == "cuda":
+                self.static["paged_optimizer_bytes"] = fakes.paged_bytes(self.opt)
+
+    def trace(self, batch: int, seq: int) -> dict:
+        with self.mode:
+            tracker = memory.LiveMemory(round_to=fakes.BLOCK_ROUND if self.target == "cuda" else 1)
+            handles = memory.track_state(tracker, self.model, self.opt)
+            fb = _fake_batch(self.auto_name, batch, seq, self.tc.padding_free)
+            try:
+                with tracker:
+                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc)
+            finally:
+                for h in handles:
+                    h.remove()
+        peak = tracker.summary()
+        return {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"]}
 
 
 def _tokenizer(mc):

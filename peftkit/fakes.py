@@ -124,30 +124,34 @@ def _flash_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return _FlashAttention.apply(query, key, value), None
 
 
+def _no_mask(*args, **kwargs):
+    return None  # causal, unpadded: the kernel masks by position, no (b, 1, q, k) tensor
+
+
 def flash_attention_name() -> str:
     """Register the CUDA attention stand-in with transformers (once) and return its name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    name = "peftkit_cuda_flash"
+    name = "peftkit_cuda_fused"  # no "flash" in it: transformers would look for the package
     AttentionInterface.register(name, _flash_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, flash_attention_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, _no_mask)
     return name
 
 
-def allowances(target: str, opt, tracker) -> dict:
-    """What the target device adds to the traced peak (CUDA: context; paged optimizer state)."""
+def paged_bytes(opt) -> int:
+    """State of a paged bitsandbytes optimizer that lives in cudaMallocManaged buffers: outside
+    PyTorch's allocator, so not in max_memory_allocated (smaller tensors stay ordinary)."""
+    inner = getattr(opt, "optimizer", opt)
+    if not getattr(inner, "is_paged", False):
+        return 0
+    return sum(t.untyped_storage().nbytes() for p, st in inner.state.items() if p.numel() >= PAGED_MIN_NUMEL
+               for k, t in st.items() if k in ("state1", "state2") and isinstance(t, torch.Tensor))
+
+
+def allowances(target: str, peak: int) -> dict:
+    """What the target device adds to the traced peak (CUDA: the context)."""
     if target != "cuda":
         return {}
-    out = {"context_bytes": CUDA_CONTEXT_BYTES, "context_note": CONTEXT_NOTE,
-           "block_rounding_bytes": BLOCK_ROUND}
-    inner = getattr(opt, "optimizer", opt)
-    if getattr(inner, "is_paged", False):
-        # cudaMallocManaged buffers: outside PyTorch's allocator, so not in max_memory_allocated.
-        paged = sum(t.untyped_storage().nbytes() for p, st in inner.state.items() if p.numel() >= PAGED_MIN_NUMEL
-                    for k, t in st.items() if k in ("state1", "state2") and isinstance(t, torch.Tensor))
-        out["paged_optimizer_bytes"] = paged
-        out["peak_bytes"] = tracker.peak - paged
-        out["total_bytes"] = out["peak_bytes"]
-    out["device_total_bytes"] = out.get("peak_bytes", tracker.peak) + CUDA_CONTEXT_BYTES
-    return out
+    return {"context_bytes": CUDA_CONTEXT_BYTES, "context_note": CONTEXT_NOTE, "block_rounding_bytes": BLOCK_ROUND,
+            "device_total_bytes": peak + CUDA_CONTEXT_BYTES}
