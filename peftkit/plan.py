@@ -21,20 +21,39 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
 
-def _largest(fits, lo: int, cap: int) -> int | None:
-    """Largest x in [lo, cap] with fits(x), fits monotone; None when even lo does not fit."""
-    if not fits(lo):
-        return None
-    hi = lo
-    while hi < cap and fits(min(2 * hi, cap)):
-        hi = min(2 * hi, cap)
-    if hi == cap:
-        return cap
-    bad = min(2 * hi, cap)
-    while bad - hi > 1:
-        mid = (hi + bad) // 2
-        hi, bad = (mid, bad) if fits(mid) else (hi, mid)
-    return hi
+def _largest(peak, budget: int, start: int, lo: int, cap: int, step: int = 1) -> int | None:
+    """Largest x (a multiple of ``step``) in [lo, cap] with peak(x) <= budget, peak monotone.
+
+    Bracketed by doubling/halving from ``start``, then refined by interpolation (the peak is
+    close to affine in batch and sequence length) with a bisection fallback. None: lo fails.
+    """
+    snap = lambda x: max(lo, min(cap, int(x) // step * step))  # noqa: E731
+    good, bad, x = None, None, snap(start)
+    while good is None or bad is None:
+        if peak(x) <= budget:
+            good = x
+            if x >= cap:
+                return cap
+            x = snap(2 * x)
+        else:
+            bad = x
+            if x <= lo:
+                return None
+            x = snap(x // 2)
+    while bad - good > step:
+        pg, pb = peak(good), peak(bad)
+        x = snap(good + (budget - pg) * (bad - good) / max(pb - pg, 1))
+        if not good < x < bad:
+            x = snap((good + bad) // 2)
+        if not good < x < bad:
+            break
+        if peak(x) <= budget:
+            good = x
+            if x + step < bad and peak(x + step) > budget:
+                return x
+        else:
+            bad = x
+    return good
 
 
 def fit(recipe, budget: int | None, device: str, batch: int | None = None, seq: int | None = None) -> dict:
@@ -58,8 +77,8 @@ def fit(recipe, budget: int | None, device: str, batch: int | None = None, seq: 
     c = est.config
     cap_seq = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 131072
     return {**row, "fits": row["peak_bytes"] <= budget,
-            "max_batch": _largest(lambda b: peak(b, seq) <= budget, 1, MAX_BATCH),
-            "max_seq": _largest(lambda s: peak(batch, s) <= budget, 8, cap_seq), "estimates": len(cache)}
+            "max_batch": _largest(lambda b: peak(b, seq), budget, batch, 1, MAX_BATCH),
+            "max_seq": _largest(lambda s: peak(batch, s), budget, seq, 8, cap_seq, step=8), "estimates": len(cache)}
 
 
 def is_compare(path: str) -> bool:
