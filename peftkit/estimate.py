@@ -106,9 +106,12 @@ def _to_fake(model) -> None:
 
 def _warm_optimizer(model, tc):
     """The trainer's optimizer after one step: its state exists, gradients are None."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from .trainer import make_optimizer
 
-    opt = make_optimizer(model, tc)
+    with unset_fake_temporarily():  # bitsandbytes builds its quantization maps from real values
+        opt = make_optimizer(model, tc)
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
