@@ -62,6 +62,11 @@ def make_optimizer(model, tc):
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls([g for g in groups if g["params"]], lr=tc.lr)
     kw = {"foreach": True} if tc.optimizer == "adamw_foreach" else {"fused": True} if tc.optimizer == "adamw_fused" else {"foreach": False}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **kw)
 
@@ -174,7 +179,6 @@ class Trainer:
         t_est = time.perf_counter()
         est = self._estimate(train, total)
         estimate_s = time.perf_counter() - t_est
-        acct = memory.Accountant(model)
         self.acc.print(f"[peftkit] {b.strategy.name}: trainable {trainable:,} / {total_params:,} params "
                        f"({100 * trainable / total_params:.2f}%)")
 
@@ -190,6 +194,7 @@ class Trainer:
             step, epoch, skip, losses, history, guard.skips = (
                 st["step"], st["epoch"], st["batches"], st["losses"], st["history"], st["nonfinite_skips"])
             self.log(event="resumed", step=step, checkpoint=resumed.path.name)
+        probe = memory.StepPeak(at=min(total, step + 2))  # live peak of one step after warm-up
         model.train()
         progress = _progress(total, enabled=tc.progress and self.acc.is_main_process)
         with measure.PeakRSS() as rss, progress as bar, ck.signals:
@@ -221,16 +226,15 @@ class Trainer:
                     # epoch's end; scaled so the gradient is the group's mean.
                     self.acc.step = tc.grad_accum - len(micro)
                     group_scale = tc.grad_accum / len(micro)
-                    with timer.step(n_samples, n_tokens):
+                    with timer.step(n_samples, n_tokens), probe.around(step + 1, model, opt,
+                                                                      memory.batch_shape(micro[0])):
                         loss_sum, ok = 0.0, True
                         for batch in micro:
                             with self.acc.accumulate(model):
-                                with acct.saved.pass_(memory.batch_shape(batch)):
-                                    loss = model(**batch).loss
+                                loss = model(**batch).loss
                                 w = next(weights)
                                 s = w * group_scale
                                 self.acc.backward(loss if s == 1.0 else loss * s)
-                                acct.after_backward(model)
                                 loss_sum += loss.detach().float().item() * w
                                 if self.acc.sync_gradients:
                                     norm = (self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
@@ -238,7 +242,6 @@ class Trainer:
                                     ok = guard.step_ok(loss_sum, norm, model, step + 1)
                                 if ok:
                                     opt.step()
-                                    acct.after_step(model, opt)
                                     sched.step()
                                 opt.zero_grad(set_to_none=True)
                     if counter is not None:
@@ -273,7 +276,7 @@ class Trainer:
                  "eval_s": final.get("eval_s")}
         result = self._result(model, trainable, total_params, timer, rss, losses, final, history, split,
                               b.load_s + time.perf_counter() - t_start, len(train), step, epoch)
-        result["memory"] = memory.section(est, acct.summary(), result["memory"]["measured"])
+        result["memory"] = memory.section(est, probe.result, result["memory"]["measured"], self._estimate_at(probe))
         # Speed numbers cover what this process trained (after a resume: the resumed part).
         result["speed"]["resumed_from_step"] = resumed.step if resumed is not None else None
         result["metrics"]["nonfinite_skipped_steps"] = guard.skips
@@ -297,13 +300,24 @@ class Trainer:
                 longest = max(longest, max(lengths[i] for i in batch))
                 seen += 1
             epoch += 1
+        return self._estimate_safe(batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
+                                   seq_len=longest, seq_source="longest batch of this run")
+
+    def _estimate_safe(self, **kw) -> dict:
+        from .estimate import estimate
+
         try:
-            return estimate(self.b.recipe, batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
-                            seq_len=longest, seq_source="longest batch of this run",
-                            task=self.b.task, tokenizer=self.b.tokenizer,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+            return estimate(self.b.recipe, task=self.b.task, tokenizer=self.b.tokenizer,
+                            device="cuda" if torch.cuda.is_available() else "cpu", **kw)
         except Exception as e:  # an estimate must never stop a training run
             return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+    def _estimate_at(self, probe) -> dict | None:
+        """The estimate at the measured step's batch shape, to compare like with like."""
+        shape = (probe.result or {}).get("batch_shape")
+        if not shape or self.tc.padding_free:
+            return None
+        return self._estimate_safe(batch_size=shape[0], seq_len=shape[1], seq_source="the measured step's batch")
 
     def _result(self, model, trainable, total_params, timer, rss, losses, final, history, split, wall_s,
                 n_train, steps, epochs) -> dict:
