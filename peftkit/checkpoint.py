@@ -35,9 +35,6 @@ from .state import TrainState, decode, encode, rng_state, set_rng_state
 SCHEMA = "peftkit.checkpoint/1"
 DIR = "checkpoints"
 _STEP = re.compile(r"^step-(\d{8,})$")
-# What a run directory holds while a run is unfinished; anything else makes it "not ours".
-RUN_FILES = {"log.jsonl", "recipe.yaml", "strategy.safetensors", "tb", DIR}
-OUTPUTS = RUN_FILES | {"result.json"}
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -138,74 +135,6 @@ def clean_partial(root: Path) -> None:
         for p in root.iterdir():
             if is_partial(p.name) or p.name.startswith((".tmp-", ".old-")):  # (older peftkit's names)
                 shutil.rmtree(p, ignore_errors=True)
-
-
-# -- the run directory, checked before any weight is loaded -----------------------------------
-def _recipe_yaml_hash(path: Path) -> str | None:
-    import yaml
-
-    from .recipe import from_dict
-
-    try:
-        return from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}).hash()
-    except Exception:  # noqa: BLE001 - any unreadable/old recipe.yaml is "not this recipe"
-        return None
-
-
-def check_run_dir(out: Path, recipe_hash: str, force: bool, resume: bool = True) -> str:
-    """Decide what ``peftkit train`` does with ``out``: 'fresh' or 'resume' (or raise).
-
-    Resuming is automatic when ``out`` holds checkpoints of the same recipe hash and no
-    result.json, with or without ``--force`` (``compare`` reruns killed runs that way). A
-    finished run, another recipe's checkpoints or foreign files are refused unless
-    ``--force``, which then starts over (discarding peftkit's own files only).
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if not out.exists():
-        parent = next(p for p in out.absolute().parents if p.exists())
-        if not parent.is_dir():
-            raise UserError(f"--out {out}: cannot create directory ({parent} is not a directory)")
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"--out {out}: cannot create directory ({parent} is not writable)")
-        return "fresh"
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: directory is not writable")
-    names = {p.name for p in out.iterdir()}
-    if not names:
-        return "fresh"
-    hashes = {m["recipe_hash"] for p in step_dirs(out / DIR) if (m := read_manifest(p))}
-    finished = "result.json" in names
-    if not force:
-        if finished:
-            try:
-                json.loads((out / "result.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise UserError(f"--out {out}: result.json is corrupt ({e.__class__.__name__}: {e}); "
-                                "use --force to train again") from None
-            raise UserError(f"--out {out}: holds a finished run (result.json); use --force to train again")
-        if hashes - {recipe_hash}:
-            raise UserError(f"--out {out}: holds checkpoints of a different recipe (hash {', '.join(sorted(hashes))}; "
-                            f"this recipe {recipe_hash}); use another --out, or --force to discard them")
-        if not names <= RUN_FILES:
-            raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
-        if "recipe.yaml" in names and not hashes and _recipe_yaml_hash(out / "recipe.yaml") != recipe_hash:
-            raise UserError(f"--out {out}: holds an unfinished run of a different recipe; "
-                            "use another --out, or --force to discard it")
-    if hashes == {recipe_hash} and not finished and resume:
-        return "resume"
-    start_over(out)
-    return "fresh"
-
-
-def start_over(out: Path) -> None:
-    """Discard peftkit's own files in a run directory (never anything else)."""
-    for name in OUTPUTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 # -- the trainer's side ---------------------------------------------------------------------

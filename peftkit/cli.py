@@ -65,7 +65,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out or r.run_dir())
-    from .checkpoint import check_run_dir
+    from .rundir import check_run_dir
 
     # Resuming is automatic: a run dir with checkpoints of this recipe continues where it stopped.
     # Rank 0 decides (other ranks would find its files); the trainer shares its choice.
@@ -154,11 +154,21 @@ def _relaunch(args, out: Path) -> int:
 
 
 def cmd_estimate(args) -> int:
+    from . import plan
     from . import recipe as R
     from .estimate import estimate, render
 
-    r = R.load(args.recipe, args.overrides)
-    est = estimate(r, batch_size=args.batch_size, seq_len=args.seq_len)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is None or ("=" in recipe and not Path(recipe).exists()):  # only overrides: the default recipe
+        overrides = ([recipe] if recipe else []) + overrides
+        recipe = str(Path(__file__).parent / "catalog" / "default.yaml")
+    if args.fit or plan.is_compare(recipe):
+        budget = plan.parse_bytes(args.fit) if args.fit else None
+        rows = plan.table(recipe, overrides, budget, args.device, args.batch_size, args.seq_len)
+        print(json.dumps(rows, indent=2)) if args.json else plan.render(rows, budget, args.device)
+        return 0
+    r = R.load(recipe, overrides)
+    est = estimate(r, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
     if args.json:
         print(json.dumps(est, indent=2))
     else:
@@ -201,12 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(see recipes/accelerate/)")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("estimate", help="predict training memory per component, before loading any weight")
-    e.add_argument("recipe")
+    e = sub.add_parser("estimate", help="predict a training step's peak memory, before loading any weight")
+    e.add_argument("recipe", nargs="?", help="recipe or compare recipe (default: peftkit/catalog/default.yaml)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.name=qlora")
     e.add_argument("--batch-size", type=int, help="default: train.batch_size")
     e.add_argument("--seq-len", type=int, help="default: task.max_length (every batch padded to it: an upper bound)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    e.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="target device to model (no GPU needed)")
+    e.add_argument("--fit", metavar="SIZE", help="e.g. 24GiB: largest batch / longest sequence that fit, per strategy")
     e.set_defaults(fn=cmd_estimate)
 
     c = sub.add_parser("compare", help="run every variant of a compare recipe in its own process, then report")

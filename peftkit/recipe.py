@@ -47,7 +47,8 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast for the forward/backward
     # fused: one kernel per parameter; on CPU ~3.7x faster per step than foreach (MiniLM, full).
-    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused"] = "adamw_fused"
+    # adamw8bit / paged_adamw8bit: bitsandbytes' blockwise 8-bit state (paged: CUDA unified memory).
+    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw_fused"
     group_by_length: bool = True
     eval_every: int | None = Field(None, ge=1)  # steps; None = only at the end
     eval_split: Literal["validation", "test"] = "test"  # split reported in metrics.eval

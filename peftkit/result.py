@@ -7,12 +7,12 @@ import time
 import torch
 
 from . import distributed as dist
-from . import measure, memory
+from . import measure, memory, provenance
 
 SCHEMA = "peftkit.result/1"
 
 
-def build(run, final: dict, rss, wall_s: float, artifact: dict) -> dict:
+def build(run, final: dict, rss, wall_s: float, artifact: dict, estimate_at_measured: dict | None) -> dict:
     """``run``: the trainer's ``Run`` after training; ``final``: the final evaluation's metrics."""
     b, acc, tc, st = run.built, run.acc, run.built.recipe.train, run.state
     measured = {"method": "cuda" if torch.cuda.is_available() else "cpu_rss",
@@ -39,7 +39,7 @@ def build(run, final: dict, rss, wall_s: float, artifact: dict) -> dict:
         "task": b.task.info(),
         "params": {"total": total, "trainable": trainable,
                    "trainable_pct": 100.0 * trainable / total, "can_merge": b.strategy.can_merge},
-        "memory": memory.section(run.estimate, run.accountant.summary(), measured),
+        "memory": memory.section(run.estimate, run.probe.result, measured, estimate_at_measured),
         # Speed numbers cover what this process trained (after a resume: the resumed part).
         "speed": {**run.timer.summary(), "wall_s": wall_s, **run.times,
                   "eval_samples_per_s": final.get("eval_samples_per_s"),
@@ -49,5 +49,5 @@ def build(run, final: dict, rss, wall_s: float, artifact: dict) -> dict:
                     "primary_metric": b.task.primary_metric, "train_loss": st.train_loss(tc.log_every),
                     "nonfinite_skipped_steps": st.nonfinite_skips},
         "artifact": artifact,
-        "env": measure.environment(),
+        "env": provenance.environment(),
     }

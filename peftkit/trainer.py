@@ -6,7 +6,7 @@ that is what makes the numbers of a comparison comparable.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
 import random
 import time
@@ -66,6 +66,11 @@ def make_optimizer(model, tc):
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls([g for g in groups if g["params"]], lr=tc.lr)
     kw = {"foreach": True} if tc.optimizer == "adamw_foreach" else {"fused": True} if tc.optimizer == "adamw_fused" else {"foreach": False}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **kw)
 
@@ -93,7 +98,7 @@ class Run:
     guard: NonFiniteGuard
     timer: measure.StepTimer
     counter: object  # FLOP counter or None
-    accountant: memory.Accountant
+    probe: memory.StepPeak  # live memory peak of one step after warm-up
     estimate: dict
     params: tuple[int, int]  # (trainable, total), before FSDP/ZeRO shard them
     state: TrainState = field(default_factory=TrainState)
@@ -204,8 +209,8 @@ class Trainer:
         t_start = time.perf_counter()
         data = b.task.datasets()
         data_s = time.perf_counter() - t_start
-        if n := b.task.info().get("truncated_examples"):
-            warn(f"{n} example(s) longer than task.max_length={b.recipe.task.max_length} tokens were truncated")
+        for note in b.task.notes():  # truncation, skipped bad rows
+            warn(note)
         ck = Checkpointer(acc, self.run_dir, b.recipe, self.resume)
         resumed = ck.begin()
         if acc.is_main_process:
@@ -221,6 +226,7 @@ class Trainer:
             ck.restore(run.state)
             run.guard.skips, run.resumed_from = run.state.nonfinite_skips, resumed.step
             self.log(event="resumed", step=run.state.step, checkpoint=resumed.path.name)
+        run.probe.at = min(total, run.state.step + 2)  # measure one step after warm-up
         run.model.train()
         return run
 
@@ -246,7 +252,7 @@ class Trainer:
         return Run(built=b, acc=acc, data=data, train=data["train"], total=total, model=model, opt=opt,
                    sched=sched, ck=ck, guard=NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, acc.scaler, warn),
                    timer=measure.StepTimer(warmup=min(3, max(0, total // 5))), counter=counter,
-                   accountant=memory.Accountant(model), estimate=est, params=params,
+                   probe=memory.StepPeak(at=0), estimate=est, params=params,
                    times={"estimate_s": estimate_s})
 
     def _epoch(self, run: Run):
@@ -267,18 +273,16 @@ class Trainer:
     def _step(self, run: Run, batches, n: int) -> None:
         """One optimizer step over the next ``n`` micro-batches (fetched one at a time, so
         accelerate's ``sync_gradients`` is true on the last: the end of the group or of the loader)."""
-        st, acc, model, acct = run.state, self.acc, run.model, run.accountant
+        st, acc, model = run.state, self.acc, run.model
         group_scale = self.tc.grad_accum / n  # the gradient is the group's mean, also for a short group
         loss_sum, samples, tokens, ok = 0.0, 0, 0, True
-        with run.timer.step(), self.measure_step(run):
-            for i in range(n):
-                batch, w = next(batches)
+        first = next(batches)
+        with run.timer.step(), self.measure_step(run, memory.batch_shape(first[0])):
+            for i, (batch, w) in enumerate(itertools.chain([first], itertools.islice(batches, n - 1))):
                 with acc.accumulate(model):
-                    with acct.saved.pass_(memory.batch_shape(batch)):
-                        loss = model(**batch).loss
+                    loss = model(**batch).loss
                     s = w * group_scale
                     acc.backward(loss if s == 1.0 else loss * s)
-                    acct.after_backward(model)
                     loss_sum += loss.detach().float().item() * w
                     c = packing.batch_counts(batch)
                     samples, tokens = samples + c[0], tokens + c[1]
@@ -304,14 +308,13 @@ class Trainer:
         ok = run.guard.step_ok(loss_sum, norm, model, run.state.step + 1)
         if ok:
             run.opt.step()
-            run.accountant.after_step(model, run.opt)
             run.sched.step()
         run.opt.zero_grad(set_to_none=True)
         return ok
 
-    def measure_step(self, run: Run):
-        """Plug point around one whole optimizer step (forward, backward, step), e.g. a live memory peak."""
-        return contextlib.nullcontext()
+    def measure_step(self, run: Run, shape):
+        """Around one whole optimizer step (forward, backward, step): the live memory peak."""
+        return run.probe.around(run.state.step + 1, run.model, run.opt, shape)
 
     def _after_step(self, run: Run, bar) -> None:
         """Log, evaluate and checkpoint when due."""
@@ -338,7 +341,7 @@ class Trainer:
         self.model = self.acc.unwrap_model(run.model)
         wall_s = self.b.load_s + time.perf_counter() - run.t_start
         artifact = self._save_weights(sd) if self.acc.is_main_process else {}
-        result = R.build(run, final, rss, wall_s, artifact)
+        result = R.build(run, final, rss, wall_s, artifact, self._estimate_at(run.probe))
         if self.acc.is_main_process:
             atomic_write_json(self.run_dir / "result.json", result)
             self.log.close()
@@ -354,21 +357,30 @@ class Trainer:
 
     def _estimate(self, train, total_steps: int) -> dict:
         """The memory estimate at the longest batch this run will train on (known up front)."""
-        from .estimate import estimate
-
         lengths = list(train["length"])
         need, longest, epoch = total_steps * self.tc.grad_accum, 0, 0
         while need > 0:  # every epoch has at least one batch (epoch_batches): this ends
             batches = self.epoch_batches(train, epoch)[0][:need]
             longest = max([longest, *(max(lengths[i] for i in b) for b in batches)])
             need, epoch = need - len(batches), epoch + 1
+        return self._estimate_safe(batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
+                                   seq_len=longest, seq_source="longest batch of this run")
+
+    def _estimate_safe(self, **kw) -> dict:
+        from .estimate import estimate
+
         try:
-            return estimate(self.b.recipe, batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
-                            seq_len=longest, seq_source="longest batch of this run",
-                            task=self.b.task, tokenizer=self.b.tokenizer,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+            return estimate(self.b.recipe, task=self.b.task, tokenizer=self.b.tokenizer,
+                            device="cuda" if torch.cuda.is_available() else "cpu", **kw)
         except Exception as e:  # an estimate must never stop a training run
             return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+    def _estimate_at(self, probe) -> dict | None:
+        """The estimate at the measured step's batch shape, to compare like with like."""
+        shape = (probe.result or {}).get("batch_shape")
+        if not shape or self.tc.padding_free:
+            return None
+        return self._estimate_safe(batch_size=shape[0], seq_len=shape[1], seq_source="the measured step's batch")
 
 
 def _flop_counter(model):

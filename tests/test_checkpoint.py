@@ -150,31 +150,6 @@ def test_sigterm_and_sigkill_then_resume(reference, tiny_models, sentiment_dir, 
     assert not any(x.name.startswith(".tmp") for x in (out / "checkpoints").iterdir())
 
 
-def test_run_dir_rules(tiny_models, sentiment_dir, tmp_path):
-    r = R.from_dict(recipe_dict(tiny_models, sentiment_dir))
-    other = R.from_dict(recipe_dict(tiny_models, sentiment_dir, lr=5e-4))
-    h = r.hash()
-    assert h == R.from_dict(recipe_dict(tiny_models, sentiment_dir, checkpoint_every=7, keep_checkpoints=5)).hash()
-    assert checkpoint.check_run_dir(tmp_path / "new", h, force=False) == "fresh"
-    run = tmp_path / "run"
-    checkpoint.write(run / "checkpoints", 3, h, {"w": torch.ones(2)}, {"step": 3}, keep=2)
-    assert checkpoint.check_run_dir(run, h, force=False) == "resume"
-    with pytest.raises(checkpoint.UserError, match="checkpoints of a different recipe .* --force to discard"):
-        checkpoint.check_run_dir(run, other.hash(), force=False)
-    (run / "notes.txt").write_text("mine")
-    with pytest.raises(checkpoint.UserError, match="not empty"):
-        checkpoint.check_run_dir(run, h, force=False)
-    assert checkpoint.check_run_dir(run, h, force=True) == "resume"  # what compare does
-    assert checkpoint.check_run_dir(run, other.hash(), force=True) == "fresh"
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # only peftkit's own files go
-    (run / "result.json").write_text("{")
-    with pytest.raises(checkpoint.UserError, match="result.json is corrupt"):
-        checkpoint.check_run_dir(run, h, force=False)
-    (run / "result.json").write_text("{}")
-    with pytest.raises(checkpoint.UserError, match="finished run"):
-        checkpoint.check_run_dir(run, h, force=False)
-
-
 def test_checkpoint_write_is_atomic_and_pruned(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     for s in (1, 2, 3):

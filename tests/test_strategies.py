@@ -14,7 +14,7 @@ from peftkit.errors import RecipeError, UserError
 from peftkit.recipe import from_dict
 from peftkit.strategies import count_params
 from peftkit.strategies.adapter import Bottleneck
-from peftkit.strategies.modules import find_blocks
+from peftkit.arch import find_blocks
 
 TEXT = ["a great and moving film", "boring plot"]
 
