@@ -17,6 +17,7 @@ import torch
 from . import distributed as dist
 from . import flops, measure, memory, packing, provenance
 from .build import Built
+from .optim import make_optimizer
 from .checkpoint import Checkpointer, warn
 from .errors import UserError
 from .nonfinite import NonFiniteGuard
@@ -54,21 +55,6 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     return [idx[k : k + batch_size] for k in range(0, n, batch_size)]
-
-
-def make_optimizer(model, tc):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
-        return cls([g for g in groups if g["params"]], lr=tc.lr)
-    kw = {"foreach": True} if tc.optimizer == "adamw_foreach" else {"fused": True} if tc.optimizer == "adamw_fused" else {"foreach": False}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **kw)
 
 
 class Trainer:
