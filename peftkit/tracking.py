@@ -53,11 +53,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def scalars(rec: dict, prefix: str = ""):
-    """(name, number) pairs of a log record; nested dicts as ``eval/accuracy``; ``step`` left out."""
+    """(name, number) pairs of a log record; nested dicts as ``eval/accuracy``; step and time left out."""
     for k, v in rec.items():
         if isinstance(v, dict):
             yield from scalars(v, f"{prefix}{k}/")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
             yield f"{prefix}{k}", v
 
 

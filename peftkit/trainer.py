@@ -23,6 +23,7 @@ from .errors import UserError
 from .nonfinite import NonFiniteGuard
 from .io import atomic_write_json, atomic_write_text, save_safetensors
 from .strategies import count_params
+from .progress import live_stats
 from .tracking import Tracking
 
 SCHEMA = "peftkit.result/1"
@@ -240,7 +241,8 @@ class Trainer:
                         self.log(step=step, epoch=epoch, nonfinite_skipped=guard.skips)
                     if step % tc.log_every == 0 or step == total:
                         window = losses[-tc.log_every:] or [float("nan")]
-                        self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0])
+                        self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0],
+                                 **live_stats(timer, total))  # for compare's live progress lines
                     bar.update(step, losses[-1] if losses else float("nan"), timer)
                     if tc.eval_every and step % tc.eval_every == 0 and step < total:
                         m = self.evaluate(model, data["validation"])
