@@ -4,7 +4,7 @@ Each call returns the data the CLI writes (``result.json``, ``report.json``, ``v
 shaped dicts), and bad input raises :class:`peftkit.errors.UserError` with the same one-line
 message the CLI prints::
 
-    import peftkit as pk
+    from peftkit import api as pk
 
     r = pk.load_recipe("recipes/quickstart.yaml", overrides={"train.max_steps": 20})
     res = pk.train(r, out="runs/qs-lora")              # result.json as a dict
