@@ -12,6 +12,7 @@ import html
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -52,11 +53,15 @@ data.variants.forEach(function(v){byName[v.variant]=v;});
 document.querySelectorAll('circle.pt').forEach(function(c){
  c.addEventListener('mouseenter',function(ev){var v=byName[c.dataset.variant]||{};
   var s=(data.settings||{})[c.dataset.variant]||{};
-  tip.textContent=c.dataset.variant+' ('+v.strategy+')\\n'+v.metric_name+': '+v.metric+
-   (v.metric_std!=null?' \\u00b1 '+v.metric_std:'')+'\\n'+
+  function f(x){return x==null?'\\u2013':Number(x).toFixed(4);}
+  tip.textContent=c.dataset.variant+' ('+v.strategy+')\\n'+v.metric_name+': '+f(v.metric)+
+   (v.metric_std!=null?' \\u00b1 '+f(v.metric_std):'')+'\\n'+
    Object.keys(s).map(function(k){return k+': '+JSON.stringify(s[k]);}).join('\\n');
   tip.style.display='block';tip.style.left=(ev.clientX+14)+'px';tip.style.top=(ev.clientY+10)+'px';});
  c.addEventListener('mouseleave',function(){tip.style.display='none';});});
+var hv=/hover=([^&]+)/.exec(location.hash);  // #hover=VARIANT: show its card (tests, screenshots)
+if(hv){var c=document.querySelector('circle.pt[data-variant="'+CSS.escape(decodeURIComponent(hv[1]))+'"]');
+ if(c){var b=c.getBoundingClientRect();c.dispatchEvent(new MouseEvent('mouseenter',{clientX:b.left,clientY:b.top}));}}
 document.body.dataset.ready='1';
 })();
 """
@@ -244,11 +249,12 @@ def chromium(url: str, *args: str, timeout: float = 120) -> subprocess.Completed
                               capture_output=True, text=True, timeout=timeout)
 
 
-def screenshot(page: Path, png: Path, size: str = "1280,2000") -> Path:
+def screenshot(page: Path, png: Path, size: str = "1280,1500", fragment: str = "") -> Path:
     """A PNG of ``page`` as headless chromium renders it."""
     png = Path(png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)
-    p = chromium(Path(page).resolve().as_uri(), f"--screenshot={png}", f"--window-size={size}")
+    p = chromium(Path(page).resolve().as_uri() + fragment, f"--screenshot={png}", f"--window-size={size}",
+                 "--virtual-time-budget=3000")
     if not png.exists():
         raise UserError(f"{png}: chromium wrote no screenshot ({p.stderr.strip().splitlines()[-1:] or p.returncode})")
     return png
@@ -257,3 +263,27 @@ def screenshot(page: Path, png: Path, size: str = "1280,2000") -> Path:
 def dump_dom(url: str) -> str:
     """The DOM after the page's scripts ran (``--dump-dom``)."""
     return chromium(url, "--dump-dom", "--virtual-time-budget=5000").stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m peftkit.report_html DIR [--screenshot PNG]``: DIR/report.json -> DIR/report.html."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m peftkit.report_html")
+    p.add_argument("dir")
+    p.add_argument("--screenshot", metavar="PNG")
+    args = p.parse_args(argv)
+    out = Path(args.dir)
+    try:
+        page = write(out, json.loads((out / "report.json").read_text(encoding="utf-8")))
+        if args.screenshot:
+            screenshot(page, Path(args.screenshot))
+    except (OSError, ValueError, UserError) as e:
+        print(f"peftkit: error: {e}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

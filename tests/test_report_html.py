@@ -73,7 +73,11 @@ def test_browser_shows_every_variant_and_number(compare_dir, tmp_path):
     assert order == ["ia3", "lora-r8", "full"]
     assert dom.count('class="err"') >= 3  # error bars: two seeds per variant, in both plots
     assert dom.count("<circle") == 6 and "strategy.r" in dom  # settings for the hover card
-    png = screenshot(page, tmp_path / "report.png")
+    # The hover card, opened by the page's own handler (#hover=), shows the variant's settings.
+    dom = dump_dom(page.as_uri() + "#hover=lora-r8")
+    tip = re.search(r'<div id="tip" style="([^"]*)">(.*?)</div>', dom, re.S)
+    assert "display: block" in tip.group(1) and "lora-r8 (lora)" in tip.group(2) and "strategy.r: 8" in tip.group(2)
+    png = screenshot(page, tmp_path / "report.png", fragment="#hover=lora-r8")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
