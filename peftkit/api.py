@@ -55,7 +55,7 @@ def train(recipe: str | Path | dict | Recipe, out: str | Path | None = None, *, 
     A run dir with checkpoints of this recipe resumes (``resume=False``: start over); one
     holding other files needs ``force=True``. Returns the run's ``result.json`` as a dict.
     """
-    from .checkpoint import check_run_dir
+    from .rundir import check_run_dir
 
     r = load_recipe(recipe)
     out = Path(out or r.run_dir())

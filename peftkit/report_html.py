@@ -188,7 +188,7 @@ def _settings(out: Path, runs: list[dict]) -> tuple[dict, dict]:
 def render(data: dict, settings: dict | None = None, env: dict | None = None) -> str:
     aggs = data.get("variants", [])
     cpu = bool(aggs) and aggs[0].get("measured_method") != "cuda"
-    mem = "peak memory (MiB, accounted)" if cpu else "peak memory (MiB, max allocated)"
+    mem = "peak memory (MiB, measured live peak)" if cpu else "peak memory (MiB, max allocated)"
     page = {**data, "settings": settings or {}, "env": env or {}}
     parts = [f"<h1>{_e(data.get('title', 'peftkit comparison'))}</h1>",
              '<pre id="js-errors" hidden></pre>']

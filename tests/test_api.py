@@ -25,7 +25,7 @@ def test_every_call(tiny_models, sentiment_dir, tmp_path):
         pk.load_recipe(base, overrides=["strategy.r=-1"])
 
     est = pk.estimate(r)
-    assert est["total_bytes"] > 0
+    assert est["peak_bytes"] > 0
 
     res = pk.train(r, out=tmp_path / "run")
     assert res == json.loads((tmp_path / "run" / "result.json").read_text())

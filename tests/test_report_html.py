@@ -33,7 +33,7 @@ def compare_dir(tmp_path_factory, tiny_models, sentiment_dir):
             r = copy.deepcopy(res)
             r["run"]["strategy"] = r["run"]["recipe"]["strategy"]["name"] = strategy
             r["metrics"]["eval"]["accuracy"] = 0.5 + 0.1 * k + 0.03 * seed
-            r["memory"]["accounting"]["total_bytes"] = 2**20 * (30 - 7 * k) + seed
+            r["memory"]["peak_bytes"] = 2**20 * (30 - 7 * k) + seed
             r["speed"]["train_tokens_per_s"] = 1000.0 * (k + 1) + seed
             d = out / variant / f"seed{seed}"
             d.mkdir(parents=True)
