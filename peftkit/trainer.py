@@ -23,6 +23,8 @@ from .errors import UserError
 from .nonfinite import NonFiniteGuard
 from .io import atomic_write_json, atomic_write_text, save_safetensors
 from .strategies import count_params
+from .progress import live_stats
+from .tracking import Tracking
 
 SCHEMA = "peftkit.result/1"
 
@@ -68,7 +70,9 @@ class Trainer:
         self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
         if self.tc.precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
+        self.track = Tracking(built.recipe, self.run_dir)  # experiment trackers (output.report_to)
         self.acc = Accelerator(
+            **self.track.accelerator_kwargs(),
             mixed_precision="no" if self.tc.precision == "fp32" else self.tc.precision,
             gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
             cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
@@ -79,7 +83,6 @@ class Trainer:
         if note := dist.requested_but_not_used(self.acc):
             self.acc.print(f"[peftkit] note: {note}")
         self.log_f = None
-        self.tb = None
 
     # -- data -----------------------------------------------------------------------------
     def _loader(self, ds, batches, collate=None):
@@ -108,9 +111,7 @@ class Trainer:
         if self.acc.is_main_process and self.log_f is not None:
             self.log_f.write(json.dumps(rec) + "\n")
             self.log_f.flush()
-            if self.tb is not None:
-                for k, v in _scalars(rec):
-                    self.tb.add_scalar(k, v, rec["step"])
+            self.track.log(rec)
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, model, ds) -> dict:
@@ -148,7 +149,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
-            self.tb = _tensorboard(self.run_dir / "tb") if b.recipe.output.tensorboard else None
+            self.track.start(self.acc)
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
         total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(steps_per_epoch * tc.epochs))
@@ -240,7 +241,8 @@ class Trainer:
                         self.log(step=step, epoch=epoch, nonfinite_skipped=guard.skips)
                     if step % tc.log_every == 0 or step == total:
                         window = losses[-tc.log_every:] or [float("nan")]
-                        self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0])
+                        self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0],
+                                 **live_stats(timer, total))  # for compare's live progress lines
                     bar.update(step, losses[-1] if losses else float("nan"), timer)
                     if tc.eval_every and step % tc.eval_every == 0 and step < total:
                         m = self.evaluate(model, data["validation"])
@@ -269,8 +271,7 @@ class Trainer:
         if self.acc.is_main_process:
             self._save(sd, result)
             self.log_f.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.track.finish([self.run_dir / "result.json"])
         self.acc.wait_for_everyone()
         self.model = model
         return result
@@ -363,23 +364,6 @@ def _flop_counter(model):
     except Exception as e:
         warn(f"model FLOPs are not counted: {e.__class__.__name__}: {e}")
         return None
-
-
-def _tensorboard(path):
-    """A SummaryWriter when tensorboard is installed (it is optional), else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))
-
-
-def _scalars(rec: dict, prefix: str = ""):
-    for k, v in rec.items():
-        if isinstance(v, dict):
-            yield from _scalars(v, f"{prefix}{k}/")
-        elif isinstance(v, (int, float)) and k != "step":
-            yield f"{prefix}{k}", v
 
 
 class _progress:
