@@ -37,7 +37,7 @@ STRATEGIES = ["full", "freeze", "lora", "qlora", "adapter", "prefix", "ia3", "bi
 def measure(built, batch: int, seq: int) -> dict:
     """Live peak of one real step after a warm-up step, as the trainer measures it."""
     from peftkit import memory
-    from peftkit.trainer import make_optimizer
+    from peftkit.optim import make_optimizer
 
     model, tc = built.model, built.recipe.train
     model.train()

@@ -25,6 +25,7 @@ import torch
 
 from . import backbone, fakes, memory, strategies, tasks
 from .errors import UserError
+from .memory import rel_error  # noqa: F401  (re-exported: estimate.rel_error)
 
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -108,7 +109,7 @@ def _warm_optimizer(model, tc):
     """The trainer's optimizer after one step: its state exists, gradients are None."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from .trainer import make_optimizer
+    from .optim import make_optimizer
 
     with unset_fake_temporarily():  # bitsandbytes builds its quantization maps from real values
         opt = make_optimizer(model, tc)
@@ -243,13 +244,6 @@ def _tokenizer(mc):
         return backbone.load_tokenizer(mc)
     except UserError:
         return None
-
-
-def rel_error(est: float | None, ref: float | None) -> float | None:
-    """(estimate - reference) / reference."""
-    if est is None or not ref:
-        return None
-    return (est - ref) / ref
 
 
 def render(est: dict, recipe=None) -> None:

@@ -29,6 +29,7 @@ from . import strategies
 from .backbone import DTYPES
 from .errors import UserError
 from .io import atomic_dir, atomic_write_json, atomic_write_text, save_safetensors
+from .model_card import write as write_card
 from .rundir import RECIPE, WEIGHTS, load_trained, read_recipe
 
 EXPORT_JSON = "peftkit.json"
@@ -216,6 +217,7 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", verify: bo
     summary = {**meta, "out": str(out), "bytes": _dir_bytes(out), "files": sorted(p.name for p in out.iterdir())}
     if verify:
         summary["verify"] = _verify(run_dir, out, recipe, task, meta, batches, ref, dtype)
+    summary["model_card"] = write_card(out, run_dir, summary)  # README.md: a Hub model card
     return summary
 
 

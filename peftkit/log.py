@@ -14,8 +14,8 @@ def warn(msg: str) -> None:
 class RunLog:
     """``RUN_DIR/log.jsonl``, one JSON record per line, mirrored to a tracker (main process only).
 
-    ``tracker`` is anything with ``log(scalars, step)`` and ``close()``; the one plug point
-    for experiment trackers.
+    ``tracker`` (peftkit.tracking.Tracking) gets every record: the one plug point for
+    experiment trackers.
     """
 
     def __init__(self, path: Path | None, tracker=None):
@@ -28,7 +28,7 @@ class RunLog:
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
         if self.tracker is not None:
-            self.tracker.log(dict(scalars(rec)), rec["step"])
+            self.tracker.log(rec)
 
     def tell(self) -> int:
         """Bytes written so far (a checkpoint records it; a resume cuts the log back to it)."""
@@ -37,39 +37,6 @@ class RunLog:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
-        if self.tracker is not None:
-            self.tracker.close()
-
-
-class TensorBoard:
-    """TensorBoard events in ``path`` when tensorboard is installed (it is optional)."""
-
-    def __init__(self, writer):
-        self.w = writer
-
-    @classmethod
-    def open(cls, path: Path) -> TensorBoard | None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return cls(SummaryWriter(str(path)))
-
-    def log(self, values: dict, step: int) -> None:
-        for k, v in values.items():
-            self.w.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self.w.close()
-
-
-def scalars(rec: dict, prefix: str = ""):
-    """(name, number) pairs of a nested record, ``eval/accuracy`` style; ``step`` left out."""
-    for k, v in rec.items():
-        if isinstance(v, dict):
-            yield from scalars(v, f"{prefix}{k}/")
-        elif isinstance(v, (int, float)) and k != "step":
-            yield f"{prefix}{k}", v
 
 
 class Progress:

@@ -229,6 +229,13 @@ def batch_shape(batch: dict) -> tuple | None:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
+def rel_error(est: float | None, ref: float | None) -> float | None:
+    """(estimate - reference) / reference."""
+    if est is None or not ref:
+        return None
+    return (est - ref) / ref
+
+
 def section(estimate: dict, live: dict | None, measured: dict, at_measured: dict | None = None) -> dict:
     """result["memory"]: the estimate, the measured live peak of one step, and the error.
 
@@ -236,8 +243,6 @@ def section(estimate: dict, live: dict | None, measured: dict, at_measured: dict
     (on CUDA: max_memory_allocated over that step). The error compares the estimate made at
     the measured step's batch shape (``at_measured``; else the run's planning estimate).
     """
-    from .estimate import rel_error
-
     ref = at_measured if at_measured and "error" not in at_measured else estimate
     live = live or {}
     cuda = live.get("cuda") or {}

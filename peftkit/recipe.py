@@ -66,7 +66,17 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs/{task}-{strategy}"
     save_weights: bool = True
-    tensorboard: bool = True  # TensorBoard events in RUN_DIR/tb when tensorboard is installed
+    # Experiment trackers (accelerate's names); None: [tensorboard] when it is installed, else [].
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab", "trackio"]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError("output.tensorboard was replaced by output.report_to "
+                             "(e.g. report_to: [tensorboard], or [] for no tracker)")
+        return data
 
 
 def _union(configs: list[type], tag: str):

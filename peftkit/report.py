@@ -274,6 +274,9 @@ def report(out: str | Path, echo=print) -> dict:
     plot(aggs, "peak_bytes", mem_label, out / "accuracy_vs_memory.png", True, 2**20)
     plot(aggs, "tokens_per_s", "throughput (training tokens/s)", out / "accuracy_vs_speed.png", False)
     atomic_write_text(out / "report.md", markdown(aggs, failed, title))
+    from .report_html import write as write_html  # report.html: same data, one self-contained page
+
+    write_html(out, data)
     print_table(aggs, failed, title, echo)
     echo(f"report: {out / 'report.md'}")
     return data

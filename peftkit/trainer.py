@@ -19,13 +19,16 @@ from . import distributed as dist
 from . import flops, measure, memory, packing
 from . import result as R
 from .build import Built
+from .optim import make_optimizer
 from .checkpoint import Checkpointer
 from .errors import UserError
 from .io import atomic_write_json, save_safetensors
-from .log import Progress, RunLog, TensorBoard, warn
+from .log import Progress, RunLog, warn
 from .nonfinite import NonFiniteGuard
 from .state import TrainState
+from .progress import live_stats
 from .strategies import count_params
+from .tracking import Tracking
 
 SCHEMA = R.SCHEMA
 
@@ -58,21 +61,6 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     return [idx[k : k + batch_size] for k in range(0, n, batch_size)]
-
-
-def make_optimizer(model, tc):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
-        return cls([g for g in groups if g["params"]], lr=tc.lr)
-    kw = {"foreach": True} if tc.optimizer == "adamw_foreach" else {"fused": True} if tc.optimizer == "adamw_fused" else {"foreach": False}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **kw)
 
 
 def mixed_precision(tc) -> str:
@@ -117,7 +105,9 @@ class Trainer:
         self.tc = built.recipe.train
         self.run_dir = Path(run_dir)
         self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
+        self.track = Tracking(built.recipe, self.run_dir)  # experiment trackers (output.report_to)
         self.acc = Accelerator(
+            **self.track.accelerator_kwargs(),
             mixed_precision=mixed_precision(self.tc),
             gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
             cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
@@ -215,8 +205,8 @@ class Trainer:
         resumed = ck.begin()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tracker = TensorBoard.open(self.run_dir / "tb") if b.recipe.output.tensorboard else None
-            self.log = RunLog(self.run_dir / "log.jsonl", tracker)
+            self.track.start(acc)
+            self.log = RunLog(self.run_dir / "log.jsonl", self.track)
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
         total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(steps_per_epoch * tc.epochs))
@@ -321,7 +311,8 @@ class Trainer:
         st, tc = run.state, self.tc
         if st.step % tc.log_every == 0 or st.step == run.total:
             window = st.losses[-tc.log_every:] or [float("nan")]
-            self.log(step=st.step, epoch=st.epoch, loss=sum(window) / len(window), lr=run.sched.get_last_lr()[0])
+            self.log(step=st.step, epoch=st.epoch, loss=sum(window) / len(window), lr=run.sched.get_last_lr()[0],
+                     **live_stats(run.timer, run.total))  # for compare's live progress lines
         bar.update(st.step, st.losses[-1] if st.losses else float("nan"), run.timer)
         if tc.eval_every and st.step % tc.eval_every == 0 and st.step < run.total:
             m = self.evaluate(run.model, run.data["validation"])
@@ -345,6 +336,7 @@ class Trainer:
         if self.acc.is_main_process:
             atomic_write_json(self.run_dir / "result.json", result)
             self.log.close()
+            self.track.finish([self.run_dir / "result.json"])
         self.acc.wait_for_everyone()
         return result
 
