@@ -88,7 +88,7 @@ def run(model_dir, data_dir, strategy: str, out) -> dict:
 
     rec = tiny_recipe(model_dir, data_dir, strategy, **TRAIN)
     rec["model"]["compute_dtype"] = "fp32"
-    rec["output"] = {"tensorboard": False}
+    rec["output"] = {"report_to": []}
     b = build(R.from_dict(rec))
     for m in b.model.modules():  # qlora: the AVX-512-bf16 packed kernel (eval mode) exists on some CPUs only
         if hasattr(m, "support_avx512bf16_for_cpu"):
