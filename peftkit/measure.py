@@ -78,13 +78,15 @@ class StepTimer:
         self._t0 = 0.0
 
     @contextmanager
-    def step(self, samples: int, tokens: int):
+    def step(self):
         sync()
         t0 = time.perf_counter()
         yield
         sync()
-        dt = time.perf_counter() - t0
-        self.times.append(dt)
+        self.times.append(time.perf_counter() - t0)
+
+    def add_counts(self, samples: int, tokens: int):
+        """Samples and real tokens of the step just timed (ignored for warm-up steps)."""
         if len(self.times) > self.warmup:
             self.samples += samples
             self.tokens += tokens
@@ -100,6 +102,8 @@ class StepTimer:
         return {
             "warmup_steps": min(self.warmup, len(self.times)),
             "timed_steps": len(timed),
+            "train_samples": self.samples,  # of the timed steps, all processes
+            "train_tokens": self.tokens,
             "step_time_median_s": statistics.median(timed) if timed else None,
             "train_samples_per_s": self.samples / total if total and self.samples else None,
             "train_tokens_per_s": self.tokens / total if total and self.tokens else None,

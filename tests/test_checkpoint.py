@@ -18,6 +18,7 @@ import yaml
 from conftest import ROOT, run_cli, tiny_recipe
 from peftkit import checkpoint
 from peftkit import recipe as R
+from peftkit.state import decode, encode
 
 
 def recipe_dict(tiny_models, sentiment_dir, **train):
@@ -42,9 +43,9 @@ def fit_killed_after(rdict, out, step, monkeypatch, resume=False):
     """Train in-process and die right after ``step`` (as if SIGKILLed before the next checkpoint)."""
     orig = checkpoint.Checkpointer.step_end
 
-    def step_end(self, s, *a):
-        orig(self, s, *a)
-        if s == step:
+    def step_end(self, state):
+        orig(self, state)
+        if state.step == step:
             raise Killed
 
     with monkeypatch.context() as m:
@@ -76,8 +77,8 @@ def test_state_roundtrip():
     state = {"t": torch.arange(3.0), "tup": (1, 2.5, None), 0: {"x": [torch.tensor(1)]},
              "np": np.random.get_state(), "py": random.getstate()}
     tensors = {}
-    meta = json.loads(json.dumps(checkpoint.encode(state, tensors)))
-    back = checkpoint.decode(meta, tensors)
+    meta = json.loads(json.dumps(encode(state, tensors)))
+    back = decode(meta, tensors)
     assert torch.equal(back["t"], state["t"]) and back["tup"] == (1, 2.5, None)
     assert torch.equal(back[0]["x"][0], torch.tensor(1))
     np.random.set_state(back["np"])
