@@ -143,6 +143,7 @@ class Trainer:
         preds, refs = [p for _, p, _ in items], [r for _, _, r in items]
         dt = time.perf_counter() - t0
         model.train()
+        self.predictions = {"predictions": preds, "references": refs}  # per example, for paired bootstraps
         m = self.b.task.metrics(preds, refs)
         m["examples"] = len(refs)
         m["eval_s"] = dt
@@ -197,8 +198,9 @@ class Trainer:
         probe = memory.StepPeak(at=min(total, step + 2))  # live peak of one step after warm-up
         model.train()
         progress = _progress(total, enabled=tc.progress and self.acc.is_main_process)
+        stop = tc.stop_step(total)  # < total: a search rung
         with measure.PeakRSS() as rss, progress as bar, ck.signals:
-            while step < total:
+            while step < stop:
                 rank, world = self.acc.process_index, self.acc.num_processes
                 global_batches, local = dist.train_shards(self.train_batches(train, epoch), rank, world)
                 if skip >= len(local):  # resumed exactly at the end of an epoch
@@ -209,7 +211,7 @@ class Trainer:
                 weights = iter([dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)])
                 collate = packing.PaddingFree() if tc.padding_free else None
                 it = iter(dist.device_loader(self._loader(train, local, collate), self.acc.device))
-                while step < total:
+                while step < stop:
                     micro = []
                     for _ in range(tc.grad_accum):
                         try:
@@ -268,7 +270,11 @@ class Trainer:
         if counter is not None:
             counter.close()
             timer.flops = dist.reduce_sum(self.acc, [timer.flops])[0]
-        final = self.evaluate(model, data[tc.eval_split])
+        stopped = stop < total and step == stop  # a search rung: checkpoint, then validation only
+        if stopped and not (ck.root / f"step-{step:08d}").exists():  # epoch was advanced on leaving the loop
+            ck.save(step, model, b.strategy, opt, sched, self.log_f, dict(
+                step=step, epoch=epoch - 1, batches=consumed, losses=losses, history=history, nonfinite_skips=guard.skips))
+        final = self.evaluate(model, data["validation" if stopped else tc.eval_split])
         self.log(step=step, eval_final=final)
         sd = dist.strategy_state_dict(self.acc, model, b.strategy) if b.recipe.output.save_weights else None
         model = self.acc.unwrap_model(model)
@@ -280,7 +286,11 @@ class Trainer:
         # Speed numbers cover what this process trained (after a resume: the resumed part).
         result["speed"]["resumed_from_step"] = resumed.step if resumed is not None else None
         result["metrics"]["nonfinite_skipped_steps"] = guard.skips
+        if stopped:
+            result["metrics"].update(eval_split="validation", stopped_at=step, total_steps=total)
         if self.acc.is_main_process:
+            atomic_write_json(self.run_dir / "predictions.json", {"split": result["metrics"]["eval_split"],
+                                                                  **self.predictions})
             self._save(sd, result)
             self.log_f.close()
             if self.tb is not None:
