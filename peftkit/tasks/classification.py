@@ -47,7 +47,7 @@ class Classification(Task):
     kind = "classification"
     Config = ClassificationConfig
     # Module names of the head (the pooler included: kept out of quantization too).
-    head_names = ("classifier", "score", "pooler", "pre_classifier")
+    head_names = ("classifier", "score", "pooler", "pooler.dense", "pre_classifier")
     pooler_names = ("pooler", "pre_classifier")
     primary_metric = "accuracy"
     labelled = True
@@ -59,7 +59,9 @@ class Classification(Task):
     def head(self, model) -> list[str]:
         head = [n for n in ("classifier", "score") if hasattr(model, n)]
         if self.cfg.train_pooler:
-            head += [n for n, m in model.named_modules()
+            # The Linear itself (BERT: pooler.dense): peft's IA3 unload cannot replace a wrapped BertPooler.
+            head += [f"{n}.dense" if isinstance(getattr(m, "dense", None), torch.nn.Linear) else n
+                     for n, m in model.named_modules()
                      if n.rsplit(".", 1)[-1] in self.pooler_names and any(True for _ in m.parameters())]
         self.head_modules = head
         return head
