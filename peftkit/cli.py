@@ -38,6 +38,10 @@ def cmd_validate(args) -> int:
             data = R.read_yaml(f)
             if "variants" in data:  # a compare recipe: every variant × seed is validated
                 runs = compare.plan(f, "/nonexistent", args.set)
+                if data.get("search") is not None:  # every grid point's recipe too
+                    from .search import plan as search_plan
+
+                    search_plan(f, Path("/nonexistent"), args.set)
                 print(f"ok   {f}  (compare: {len(runs)} runs)")
                 continue
             if "distributed_type" in data or "compute_environment" in data:

@@ -32,6 +32,7 @@ from . import recipe as R
 from .config import Section
 from .errors import RecipeError
 from .io import atomic_write_json, atomic_write_text
+from .search import SearchConfig
 
 SCHEMA = "peftkit.compare/1"
 # Keys every variant must share: same data, same order, same budget, same evaluation.
@@ -51,6 +52,7 @@ class CompareRecipe(Section):
     set: dict[str, Any] = {}
     seeds: list[int] = Field(default=[0], min_length=1)
     variants: list[Variant] = Field(min_length=1)
+    search: SearchConfig | None = None  # per-variant lr (and other keys) chosen on validation
 
     @field_validator("variants")
     @classmethod
@@ -184,16 +186,24 @@ def execute(run: Run, timeout: float | None = None) -> dict | None:
     return err
 
 
-def compare(path: str | Path, out: str | Path, overrides: list[str] | None = None, timeout: float | None = None,
-            echo=print) -> int:
-    runs = plan(path, out, overrides)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def write_plan(out: Path, path, runs: list[Run]) -> None:
     atomic_write_json(out / "compare.json", {
         "schema": SCHEMA, "compare_recipe": str(path),
         "variants": list(dict.fromkeys(r.variant for r in runs)),
         "runs": [{"variant": r.variant, "seed": r.seed, "dir": str(r.dir.relative_to(out)),
                   "recipe_hash": r.hash, "strategy": r.recipe.strategy.name} for r in runs]})
+
+
+def compare(path: str | Path, out: str | Path, overrides: list[str] | None = None, timeout: float | None = None,
+            echo=print) -> int:
+    if load(path).search is not None:  # each variant at its best setting: peftkit.search
+        from .search import search
+
+        return search(path, out, overrides, timeout, echo)
+    runs = plan(path, out, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_plan(out, path, runs)
     failed = 0
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"

@@ -61,6 +61,12 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     nonfinite: Literal["skip", "stop"] = "skip"  # NaN/Inf loss or gradients
     max_nonfinite_skips: int = Field(10, ge=0)
+    # search rungs: halt after this fraction of the budget (schedule of the whole budget), with a
+    # checkpoint and a validation eval; the rest of the budget resumes that checkpoint.
+    stop_at: float | None = Field(None, gt=0, le=1)
+
+    def stop_step(self, total: int) -> int:
+        return total if self.stop_at is None else max(1, min(total, round(self.stop_at * total)))
 
 
 class OutputConfig(Section):
@@ -135,7 +141,7 @@ class Recipe(Section):
 
 
 # Settings that change where or how often things are written, never the trained weights.
-_NOT_HASHED = {"train": ("checkpoint_every", "keep_checkpoints", "progress")}
+_NOT_HASHED = {"train": ("checkpoint_every", "keep_checkpoints", "progress", "stop_at")}
 
 
 # -- loading ------------------------------------------------------------------------------

@@ -213,8 +213,6 @@ def pareto(points: list[tuple[float, float]], lower_x_better: bool) -> list[int]
 
 
 def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bool, scale: float = 1.0) -> bool:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,12 +247,20 @@ def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bo
     ax.grid(alpha=0.3)
     ax.margins(x=0.15, y=0.15)
     ax.legend(loc="best", fontsize=8)
+    save_png(fig, path)
+    return True
+
+
+def save_png(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
-    return True
 
 
 def report(out: str | Path, echo=print) -> dict:
@@ -278,5 +284,9 @@ def report(out: str | Path, echo=print) -> dict:
 
     write_html(out, data)
     print_table(aggs, failed, title, echo)
+    if (out / "search.json").exists():  # a search: grid, test CIs, recommendation (peftkit.report_search)
+        from .report_search import render
+
+        data = render(out, echo) or data
     echo(f"report: {out / 'report.md'}")
     return data

@@ -25,7 +25,7 @@ ADAPTER = "adapter_model.safetensors"  # peft's adapter format (an --adapter-onl
 LOG = "log.jsonl"
 # What a run directory holds while a run is unfinished; anything else makes it "not ours".
 RUN_FILES = {LOG, RECIPE, WEIGHTS, "tb", CHECKPOINTS}
-OUTPUTS = RUN_FILES | {RESULT}
+OUTPUTS = RUN_FILES | {RESULT, "predictions.json"}
 
 
 # -- reusing a directory for `peftkit train`, checked before any weight is loaded -----------

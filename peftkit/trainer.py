@@ -168,6 +168,7 @@ class Trainer:
         preds, refs = [p for _, p, _ in items], [r for _, _, r in items]
         dt = time.perf_counter() - t0
         model.train()
+        self.predictions = {"predictions": preds, "references": refs}  # per example, for paired bootstraps
         m = self.b.task.metrics(preds, refs)
         m["examples"] = len(refs)
         m["eval_s"] = dt
@@ -179,16 +180,19 @@ class Trainer:
         run = self._setup()
         st, t_train = run.state, time.perf_counter()
         progress = Progress(run.total, enabled=self.tc.progress and self.acc.is_main_process)
+        stop = self.tc.stop_step(run.total)  # < total: a search rung, checkpointed where it stops
         with measure.PeakRSS() as rss, progress as bar, run.ck.signals:
-            while st.step < run.total:
+            while st.step < stop:
                 batches, sizes = self._epoch(run)
                 for n in sizes:
                     self._step(run, batches, n)
                     self._after_step(run, bar)
-                    if st.step >= run.total:
+                    if st.step >= stop:
                         break
                 else:
                     next(batches, None)  # the loader's end: accelerate forgets it
+                if st.step == stop < run.total and not (run.ck.root / f"step-{st.step:08d}").exists():
+                    run.ck.save(st)  # before the epoch advances: the continuation resumes exactly here
                 st.next_epoch()
         run.times["train_s"] = time.perf_counter() - t_train
         return self._finish(run, rss)
@@ -325,7 +329,8 @@ class Trainer:
         if run.counter is not None:
             run.counter.close()
             run.timer.flops = dist.reduce_sum(self.acc, [run.timer.flops])[0]
-        final = self.evaluate(run.model, run.data[self.tc.eval_split])
+        stopped = self.tc.stop_step(run.total) < run.total  # a search rung: validation only
+        final = self.evaluate(run.model, run.data["validation" if stopped else self.tc.eval_split])
         run.times["eval_s"] = final.get("eval_s")
         self.log(step=run.state.step, eval_final=final)
         sd = dist.strategy_state_dict(self.acc, run.model, self.b.strategy) if self.b.recipe.output.save_weights else None
@@ -333,7 +338,11 @@ class Trainer:
         wall_s = self.b.load_s + time.perf_counter() - run.t_start
         artifact = self._save_weights(sd) if self.acc.is_main_process else {}
         result = R.build(run, final, rss, wall_s, artifact, self._estimate_at(run.probe))
+        if stopped:
+            result["metrics"].update(eval_split="validation", stopped_at=run.state.step, total_steps=run.total)
         if self.acc.is_main_process:
+            atomic_write_json(self.run_dir / "predictions.json", {"split": result["metrics"]["eval_split"],
+                                                                  **self.predictions})
             atomic_write_json(self.run_dir / "result.json", result)
             self.log.close()
             self.track.finish([self.run_dir / "result.json"])

@@ -97,7 +97,7 @@ def test_pareto_front():
 def test_shipped_compare_recipes_validate(tmp_path):
     from conftest import ROOT
 
-    shipped = sorted((ROOT / "recipes").rglob("compare*.yaml"))
+    shipped = sorted([*(ROOT / "recipes").rglob("compare*.yaml"), *(ROOT / "recipes").rglob("search*.yaml")])
     assert shipped
     for f in shipped:
         runs = C.plan(f, tmp_path / "o")

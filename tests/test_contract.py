@@ -38,7 +38,8 @@ def dims(kind: str) -> dict:
     heads = c.num_attention_heads
     kv = h // heads * getattr(c, "num_key_value_heads", heads)
     inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
-    head = LABELS * h + (LABELS if kind == "bert" else 0)  # BERT's classifier has a bias
+    # BERT's classifier has a bias, and its pooler (dense h->h + bias) belongs to the task head.
+    head = LABELS * h + (LABELS + h * h + h if kind == "bert" else 0)
     return {"h": h, "L": c.num_hidden_layers, "I": inter, "kv": kv, "head": head}
 
 
@@ -76,7 +77,7 @@ def bitfit(kind):
     d = dims(kind)
     h, inter = d["h"], d["I"]
     # per block: q,k,v,o (BERT) or c_attn(3h)+c_proj (GPT-2) = 4h; 2 norms 2h; FFN I + h.
-    extra = {"bert": 2 * h, "gpt2": h}[kind]  # BERT: embedding norm + pooler; GPT-2: ln_f
+    extra = {"bert": h, "gpt2": h}[kind]  # BERT: embedding norm (the pooler is in the head); GPT-2: ln_f
     return d["L"] * (7 * h + inter) + extra + d["head"]
 
 
@@ -87,7 +88,7 @@ def freeze(kind, layers=1):
              "llama": 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h,
              "phi3": 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h,  # fused, same sizes as llama
              "gpt2": 4 * h * h + 2 * h * inter + 9 * h + inter}[kind]
-    above = {"bert": h * h + h, "llama": h, "gpt2": 2 * h, "phi3": h}[kind]  # pooler / final norm
+    above = {"bert": 0, "llama": h, "gpt2": 2 * h, "phi3": h}[kind]  # final norm (BERT's pooler is in the head)
     return (d["L"] - layers) * block + above + d["head"]
 
 

@@ -21,6 +21,10 @@ class ClassificationConfig(TaskConfig):
     text_pair_column: str | None = None
     label_column: str = "label"
     labels: list[str] | None = None  # label names in id order; None = inferred from train
+    # The backbone's pooler (BERT: CLS -> pooler.dense -> tanh; DistilBERT: pre_classifier) is part
+    # of the task head: trainable in every strategy. Sentence-embedding checkpoints (all-MiniLM)
+    # were trained with mean pooling, so their pooler was never tuned; frozen it costs accuracy.
+    train_pooler: bool = True
 
 
 def rotten_tomatoes(name: str):
@@ -42,13 +46,25 @@ def rotten_tomatoes(name: str):
 class Classification(Task):
     kind = "classification"
     Config = ClassificationConfig
-    head_names = ("classifier", "score")
+    # Module names of the head (the pooler included: kept out of quantization too).
+    head_names = ("classifier", "score", "pooler", "pooler.dense", "pre_classifier")
+    pooler_names = ("pooler", "pre_classifier")
     primary_metric = "accuracy"
     labelled = True
 
     def __init__(self, cfg: ClassificationConfig, tokenizer):
         super().__init__(cfg, tokenizer)
         self.labels = self.labels or BUILTIN_LABELS.get(cfg.data.source or "")
+
+    def head(self, model) -> list[str]:
+        head = [n for n in ("classifier", "score") if hasattr(model, n)]
+        if self.cfg.train_pooler:
+            # The Linear itself (BERT: pooler.dense): peft's IA3 unload cannot replace a wrapped BertPooler.
+            head += [f"{n}.dense" if isinstance(getattr(m, "dense", None), torch.nn.Linear) else n
+                     for n, m in model.named_modules()
+                     if n.rsplit(".", 1)[-1] in self.pooler_names and any(True for _ in m.parameters())]
+        self.head_modules = head
+        return head
 
     def auto_class(self):
         from transformers import AutoModelForSequenceClassification
@@ -145,3 +161,6 @@ class Classification(Task):
             out += [{"label": id2label[int(i)], "score": float(s)} for s, i in zip(score, idx)]
         return out
 
+    def info(self):
+        return {**super().info(), "head_modules": getattr(self, "head_modules", None),
+                "train_pooler": self.cfg.train_pooler}

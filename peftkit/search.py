@@ -1,0 +1,360 @@
+"""Each strategy at its own best setting: a grid searched on VALIDATION by successive halving.
+
+A compare recipe with a ``search:`` section::
+
+    search:
+      lr: {low: 1.0e-4, high: 1.0e-2, points: 4}   # or a list; omitted = the strategy's default grid
+      grid: {strategy.r: [8, 16]}                    # other keys, optional (crossed with lr)
+      eta: 2                                         # keep the best 1/eta at each rung
+      variants:                                      # per variant, replaces the shared space
+        full: {lr: [2.0e-5, 5.0e-5, 1.0e-4]}
+
+How it runs (first seed of the comparison; all state is in run directories):
+
+* every grid point is a trial ``DIR/<variant>/search/<setting>/seed<s>/``, an ordinary run
+  dir of the variant's recipe with that setting. Rung k trains it up to a fraction of the
+  budget (``train.stop_at``, not part of the recipe hash: the learning-rate schedule stays
+  that of the whole budget), saves a checkpoint and evaluates the validation split only;
+  the rung's result is kept as ``rung<k>.json``. The best 1/eta (on validation) resume
+  their checkpoint at the next rung: no step is trained twice. With 4 points and eta 2:
+  4 x 1/4 + 2 x 1/4 + 1 x 1/2 = 2 budgets.
+* the one survivor continues to the full budget in ``DIR/<variant>/seed<s>/`` from its
+  checkpoint (hard-linked), and the other seeds train the selected setting from scratch
+  there: the test split is evaluated only for the selected setting, once per seed.
+* re-running skips finished rungs and runs; a killed search resumes its checkpoints; a
+  failed trial is recorded (``error.json``) and drops out of the search.
+
+Why not Optuna's GridSampler + SuccessiveHalvingPruner: that pruner is asynchronous (ASHA).
+Run one trial at a time, the first trial is never pruned and each new best goes straight
+to the full budget, so the cost depends on the grid order and is not bounded by ~2x. The
+synchronous rungs here are a few lines, deterministic, and keep all state in the run dirs
+(no study database to keep in step with them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from .config import Section
+from .errors import RecipeError
+from .io import atomic_write_json
+
+SCHEMA = "peftkit.search/1"
+
+# Default lr grids, 4 points spaced ~3x around values known to work (each ~centred on the
+# rate of recipes/quickstart/<strategy>.yaml):
+# full/freeze: BERT fine-tuning grid 2e-5..5e-5 (Devlin et al. 2019), extended upward for short budgets;
+# lora/qlora: RoBERTa-base GLUE 4e-4..5e-4 (Hu et al. 2021), ~10x full ("LoRA Without Regret", 2025);
+# adapter: Houlsby et al. 2019 searched 3e-5..3e-3 (Pfeiffer adapters commonly 1e-4..1e-3);
+# prefix: P-tuning v2 (Liu et al. 2022) 5e-3..1e-2 on classification;
+# ia3: T-Few (Liu et al. 2022) 3e-3; peft's method comparison 1e-3..5e-3;
+# bitfit: Ben Zaken et al. 2022 searched 1e-4..1e-3 (BERT-base), higher for small models.
+DEFAULT_LR = {
+    "full": [2e-5, 5e-5, 1e-4, 2e-4],
+    "freeze": [3e-5, 1e-4, 3e-4, 1e-3],
+    "lora": [1.5e-4, 5e-4, 1.5e-3, 5e-3],
+    "qlora": [1.5e-4, 5e-4, 1.5e-3, 5e-3],
+    "adapter": [3e-4, 1e-3, 3e-3, 1e-2],
+    "prefix": [3e-3, 1e-2, 3e-2, 1e-1],
+    "ia3": [3e-3, 1e-2, 3e-2, 1e-1],
+    "bitfit": [1.5e-3, 5e-3, 1.5e-2, 5e-2],
+}
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+class LogGrid(Section):
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    points: int = Field(ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+    def values(self) -> list[float]:
+        if self.points == 1:
+            return [self.low]
+        r = math.log(self.high / self.low)
+        return [float(f"{self.low * math.exp(r * i / (self.points - 1)):.3g}") for i in range(self.points)]
+
+
+class Space(Section):
+    lr: list[float] | LogGrid | None = None  # None: DEFAULT_LR of the variant's strategy
+    grid: dict[str, list[Any]] = {}  # other dotted recipe keys -> values, crossed with lr
+
+
+class SearchConfig(Space):
+    eta: int = Field(2, ge=2)
+    variants: dict[str, Space] = {}
+
+
+def _label(point: dict) -> str:
+    """Directory name of a grid point: lr1e-04_strategy.r16 (safe characters only)."""
+    parts = []
+    for k, v in point.items():
+        key = "lr" if k == "train.lr" else k
+        val = f"{v:.0e}" if isinstance(v, float) else str(v)
+        parts.append(f"{key}{val}")
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+def points(space: Space, strategy: str) -> list[dict]:
+    if isinstance(space.lr, LogGrid):
+        lrs = space.lr.values()
+    elif space.lr:
+        lrs = list(space.lr)
+    elif strategy in DEFAULT_LR:
+        lrs = DEFAULT_LR[strategy]
+    else:
+        raise RecipeError(f"search: no default lr grid for strategy '{strategy}'; give search.lr")
+    keys = ["train.lr", *space.grid]
+    return [dict(zip(keys, combo)) for combo in itertools.product(lrs, *space.grid.values())]
+
+
+def rungs(n: int, eta: int) -> list[tuple[int, float]]:
+    """(trials, budget fraction) per rung before the full budget; [] when n == 1."""
+    counts = [n]
+    while counts[-1] > 1:
+        counts.append(math.ceil(counts[-1] / eta))
+    k = len(counts) - 1
+    return [(counts[i], eta ** (i - k)) for i in range(k)]
+
+
+def cost(n: int, eta: int) -> float:
+    """Budgets trained by one search (continuations from checkpoints), in units of one run."""
+    done, total = 0.0, 0.0
+    for count, frac in rungs(n, eta):
+        total += count * (frac - done)
+        done = frac
+    return total + (1 - done)
+
+
+def better(metric: str) -> int:
+    return -1 if metric in LOWER_IS_BETTER else 1
+
+
+def link_checkpoints(src: Path, dst: Path) -> None:
+    """Give ``dst`` the trial's checkpoints (hard links: files are never rewritten in place) and
+    a copy of its log (appended to on resume)."""
+    from .checkpoint import DIR
+    from .rundir import start_over
+
+    if dst.exists():
+        start_over(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src / DIR, dst / DIR, copy_function=link)
+    if (src / "log.jsonl").exists():
+        shutil.copy2(src / "log.jsonl", dst / "log.jsonl")
+    if (src / "recipe.yaml").exists():
+        shutil.copy2(src / "recipe.yaml", dst / "recipe.yaml")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(out: Path, state: dict) -> None:
+    atomic_write_json(out / "search.json", {"schema": SCHEMA, **state})
+
+
+# -- the driver ---------------------------------------------------------------------------
+class Trial:
+    """One grid point of one variant (first seed): an ordinary run dir, trained rung by rung."""
+
+    def __init__(self, base, point: dict, out: Path):
+        from . import recipe as R
+        from .compare import _overrides
+
+        self.base, self.point, self.label = base, point, _label(point)
+        where = f"search point {self.label} of variant '{base.variant}'"
+        self.recipe = R.from_dict(R.apply_overrides(base.recipe.to_dict(), _overrides(point)), where)
+        self.hash = self.recipe.hash()
+        self.out = out
+        self.dir = out / base.variant / "search" / self.label / f"seed{base.seed}"
+        self.error: str | None = None
+
+    def run(self, frac: float):
+        from . import recipe as R
+        from .compare import Run
+
+        rec = R.from_dict(R.apply_overrides(self.recipe.to_dict(), [f"train.stop_at={frac!r}"]))
+        run = Run(self.base.variant, self.base.seed, rec, self.dir.parent.parent)
+        run.dir = self.dir
+        return run
+
+    def rung_file(self, frac: float) -> Path:
+        return self.dir / f"rung-{frac:g}.json"
+
+    def result(self, frac: float) -> dict | None:
+        """The rung's validation result: its rung file, or the run's result.json of that rung (a search
+        killed between the run's end and the copy)."""
+        for f in (self.rung_file(frac), self.dir / "result.json"):
+            r = read_json(f)
+            m = (r or {}).get("metrics", {})
+            if (r and r.get("run", {}).get("recipe_hash") == self.hash and m.get("stopped_at")
+                    and m["stopped_at"] == self.run(frac).recipe.train.stop_step(m["total_steps"])):
+                if f.name == "result.json":
+                    atomic_write_json(self.rung_file(frac), r)
+                return r
+        return None
+
+    def score(self, frac: float) -> float | None:
+        from .report import primary
+
+        r = self.result(frac)
+        return primary(r)[1] if r else None
+
+
+def _run_all(runs: list, timeout: float | None) -> list[dict | None]:
+    """Train runs (each in a fresh process); per run None or its error record."""
+    from .compare import execute
+
+    return [execute(r, timeout) for r in runs]
+
+
+def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, timeout, echo) -> None:
+    """Rung ``k`` of every variant that has one, in one batch; then keep the best of each."""
+    todo = []
+    for v, alive in trials.items():
+        if k < len(plans[v]):
+            frac = plans[v][k][1]
+            todo += [(t, frac) for t in alive if t.result(frac) is None and t.error is None]
+    for (t, frac), err in zip(todo, _run_all([t.run(frac) for t, frac in todo], timeout)):
+        if err is None:
+            atomic_write_json(t.rung_file(frac), read_json(t.dir / "result.json"))
+        else:
+            t.error = err["message"]
+            echo(f"[search] {t.base.variant} {t.label}: FAILED ({t.error}); details in {t.dir / 'error.json'}")
+    for v, alive in trials.items():
+        if k >= len(plans[v]):
+            continue
+        frac, keep = plans[v][k][1], (plans[v][k + 1][0] if k + 1 < len(plans[v]) else 1)
+        scored = [t for t in alive if t.score(frac) is not None]
+        sign = better(primary_name(scored[0].result(frac))) if scored else 1
+        ranked = sorted(scored, key=lambda t: -sign * t.score(frac))  # stable: grid order breaks ties
+        trials[v] = ranked[:keep]
+        shown = ", ".join(f"{t.label} {t.score(frac):.4f}" for t in ranked)
+        echo(f"[search] {v}: rung {k + 1}/{len(plans[v])} ({frac:.0%} of the budget) on validation: "
+             f"{shown or 'no trial finished'}; continuing: {', '.join(t.label for t in trials[v]) or 'none'}")
+
+
+def primary_name(res: dict) -> str:
+    from .report import primary
+
+    return primary(res)[0]
+
+
+def plan(path, out: Path, overrides: list[str] | None):
+    """(compare recipe, base runs, per-variant trials and rung plans); every error before any run."""
+    from . import compare as C
+
+    cr = C.load(path)
+    sc: SearchConfig = cr.search
+    runs = C.plan(path, out, overrides)
+    names = list(dict.fromkeys(r.variant for r in runs))
+    unknown = sorted(set(sc.variants) - set(names))
+    if unknown:
+        raise RecipeError(f"{path}: search.variants: unknown variant(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    first = {}
+    for r in runs:
+        first.setdefault(r.variant, r)
+    trials, plans = {}, {}
+    for v, base in first.items():
+        space = sc.variants.get(v, sc)
+        trials[v] = [Trial(base, p, out) for p in points(space, base.recipe.strategy.name)]
+        plans[v] = rungs(len(trials[v]), sc.eta)
+    return cr, runs, trials, plans
+
+
+def _final_runs(runs: list, chosen: dict[str, Trial]) -> list:
+    """The selected setting of every variant over every seed (the only runs that see test)."""
+    from . import recipe as R
+    from .compare import Run, _overrides
+
+    out = []
+    for r in runs:
+        t = chosen.get(r.variant)
+        if t is not None:
+            rec = R.from_dict(R.apply_overrides(r.recipe.to_dict(), _overrides(t.point)))
+            out.append(Run(r.variant, r.seed, rec, r.dir.parent.parent))
+    return out
+
+
+def _continue_from_trial(run, trial: Trial) -> None:
+    from .checkpoint import DIR, read_manifest, step_dirs
+
+    own = [p for p in step_dirs(run.dir / DIR) if (m := read_manifest(p)) and m.get("recipe_hash") == run.hash]
+    if not run.done() and not own and step_dirs(trial.dir / DIR):
+        link_checkpoints(trial.dir, run.dir)
+
+
+def search(path, out, overrides=None, timeout=None, echo=print) -> int:
+    from . import compare as C
+
+    out = Path(out)
+    cr, runs, trials, plans = plan(path, out, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    every = {v: list(ts) for v, ts in trials.items()}
+    n = sum(len(ts) for ts in trials.values())
+    echo(f"[search] {n} grid point(s) over {len(trials)} variant(s); successive halving (eta {cr.search.eta}) on "
+         f"validation; ~{sum(cost(len(ts), cr.search.eta) for ts in trials.values()):.1f} run budgets, "
+         f"then {len(cr.seeds) - 1} more seed(s) per variant at its selected setting")
+    for k in range(max((len(p) for p in plans.values()), default=0)):
+        _rung(trials, k, plans, timeout, echo)
+        write_state(out, _state(cr, every, trials, plans))
+    chosen = {v: ts[0] for v, ts in trials.items() if ts}
+    final = _final_runs(runs, chosen)
+    for run in final:
+        if run.seed == runs[0].seed:
+            _continue_from_trial(run, chosen[run.variant])
+    C.write_plan(out, path, final)
+    todo = [r for r in final if not r.done()]
+    echo(f"[search] selected: {', '.join(f'{v} {t.label}' for v, t in chosen.items())}; "
+         f"{len(todo)} of {len(final)} test run(s) to train")
+    errors = _run_all(todo, timeout)
+    for r, e in zip(todo, errors):
+        echo(f"[search] {r.variant} seed {r.seed}: " + ("done" if e is None else f"FAILED ({e['message']})"))
+    write_state(out, _state(cr, every, trials, plans))
+    from .report import report
+
+    report(out, echo=echo)
+    failed = sum(e is not None for e in errors) + sum(1 for v in trials if v not in chosen)
+    return 1 if failed else 0
+
+
+def _state(cr, every: dict, alive: dict, plans: dict) -> dict:
+    """search.json: the grid, every trial's validation metric per rung, the selection."""
+    variants = {}
+    for v, ts in every.items():
+        rows = []
+        for t in ts:
+            rs = {f"{frac:g}": {"validation": t.score(frac), "steps": (t.result(frac) or {}).get(
+                "metrics", {}).get("stopped_at")} for _, frac in plans[v] if t.result(frac)}
+            rows.append({"label": t.label, "point": t.point, "dir": str(t.dir.relative_to(t.out)), "rungs": rs, "error": t.error})
+        metric = next((primary_name(t.result(f)) for t in ts for _, f in plans[v] if t.result(f)), None)
+        done = all(any(t.result(f) for t in ts) for _, f in plans[v])
+        sel = alive[v][0] if alive[v] and done else None
+        variants[v] = {"strategy": ts[0].recipe.strategy.name, "metric": metric, "rungs": plans[v],
+                       "trials": rows, "selected": sel.label if sel else None,
+                       "selected_point": sel.point if sel else None, "cost_budgets": cost(len(ts), cr.search.eta)}
+    return {"eta": cr.search.eta, "split": "validation", "seed": cr.seeds[0], "variants": variants}

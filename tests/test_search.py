@@ -1,0 +1,157 @@
+"""The search: selection follows validation only; halving resumes checkpoints; a killed search resumes.
+
+Runs execute in-process (``search._run_all`` swapped for a loop over ``cli.main``) to stay fast;
+what is checked is the run directories' content, as a separate process would write it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import tiny_recipe
+from peftkit import cli, search
+from peftkit.compare import Run
+from peftkit.io import atomic_write_text
+from peftkit.recipe import dump_yaml
+
+
+def in_process(runs: list[Run], timeout=None, record=None):
+    errs = []
+    for r in runs:
+        r.dir.mkdir(parents=True, exist_ok=True)
+        (r.dir / "result.json").unlink(missing_ok=True)
+        f = r.dir.parent / f"seed{r.seed}.yaml"
+        atomic_write_text(f, dump_yaml(r.recipe))
+        if record is not None:
+            record.append((r.variant, r.dir.relative_to(r.dir.parents[2]).as_posix(), r.recipe.train.stop_at))
+        rc = cli.main(["train", str(f), "--out", str(r.dir), "--force"])
+        errs.append(None if rc == 0 and r.done() else {"message": f"exit {rc}"})
+    return errs
+
+
+def write_compare(tmp_path, tiny_models, sentiment_dir, lrs, max_steps=8, seeds=(0,)):
+    base = tiny_recipe(tiny_models["bert"], sentiment_dir, "lora", max_steps=max_steps, log_every=1,
+                       checkpoint_every=None)
+    base["output"] = {"tensorboard": False}
+    f = tmp_path / "search.yaml"
+    f.write_text(yaml.safe_dump({"base": base, "seeds": list(seeds), "variants": [{"name": "lora"}],
+                                 "search": {"lr": lrs, "eta": 2}}))
+    return f
+
+
+def loss_steps(log):
+    return [json.loads(x)["step"] for x in log.read_text().splitlines() if '"loss"' in x]
+
+
+def test_rungs_and_cost():
+    assert search.rungs(4, 2) == [(4, 0.25), (2, 0.5)]
+    assert search.cost(4, 2) == pytest.approx(2.0)  # 4 x 1/4 + 2 x 1/4 + 1 x 1/2
+    assert search.rungs(1, 2) == [] and search.cost(1, 2) == 1.0
+    assert search.LogGrid(low=1e-4, high=1e-2, points=3).values() == [1e-4, 1e-3, 1e-2]
+
+
+def test_selection_follows_validation_not_test(tiny_models, sentiment_dir, tmp_path, monkeypatch):
+    """Planted metrics: validation prefers lr 1e-3, test prefers 3e-3; test is never seen by trials."""
+    from peftkit.trainer import Trainer
+
+    planted = {("validation", 1e-3): 0.9, ("validation", 3e-3): 0.6, ("test", 1e-3): 0.55, ("test", 3e-3): 0.95}
+    seen = []
+    real = Trainer.evaluate
+
+    def fake(self, model, ds):
+        m = real(self, model, ds)
+        split = "validation" if len(ds) == 32 else "test"
+        seen.append((split, self.tc.lr, self.tc.seed))
+        m["accuracy"] = planted[(split, self.tc.lr)] + 0.01 * self.tc.seed
+        return m
+
+    import csv
+
+    rows = list(csv.DictReader(open(sentiment_dir / "test.csv")))[:24]  # test size tells the split apart
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("train", "validation"):
+        (d / f"{name}.csv").write_text((sentiment_dir / f"{name}.csv").read_text())
+    with open(d / "test.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    monkeypatch.setattr(Trainer, "evaluate", fake)
+    monkeypatch.setattr(search, "_run_all", in_process)
+    f = write_compare(tmp_path, tiny_models, d, [1e-3, 3e-3], max_steps=4, seeds=(0, 1))
+    out = tmp_path / "out"
+    assert search.search(f, out, echo=lambda *_: None) == 0
+    st = json.loads((out / "search.json").read_text())["variants"]["lora"]
+    assert st["selected_point"] == {"train.lr": 1e-3}
+    assert [s for s in seen if s[0] == "test"] == [("test", 1e-3, 0), ("test", 1e-3, 1)]  # once per seed, selected only
+    rep = json.loads((out / "report.json").read_text())
+    test = rep["search"]["test"][0]
+    assert test["values"] == pytest.approx([0.55, 0.56]) and test["ci"] is not None
+    assert "edge" in test and "lowest" in test["edge"]  # 1e-3 is the grid's low end
+    assert rep["recommendation"]["recommended"] == "lora"
+    assert "## Recommendation" in (out / "report.md").read_text()
+
+
+def test_halving_continues_from_checkpoints_and_resumes(tiny_models, sentiment_dir, tmp_path, monkeypatch):
+    f = write_compare(tmp_path, tiny_models, sentiment_dir, [1e-4, 1e-3, 1e-2], max_steps=8)
+    out = tmp_path / "out"
+    calls = []
+
+    def killed(runs, timeout=None):  # the search process dies during rung 2
+        if any(r.recipe.train.stop_at == 0.5 for r in runs):
+            in_process(runs[:1], record=calls)
+            raise KeyboardInterrupt
+        return in_process(runs, record=calls)
+
+    monkeypatch.setattr(search, "_run_all", killed)
+    with pytest.raises(KeyboardInterrupt):
+        search.search(f, out, echo=lambda *_: None)
+    assert len(calls) == 4  # 3 trials at 25%, 1 of 2 at 50%
+    before_kill = calls[-1][1]  # the rung-2 trial that finished before the kill
+    calls.clear()
+    monkeypatch.setattr(search, "_run_all", lambda runs, timeout=None: in_process(runs, record=calls))
+    assert search.search(f, out, echo=lambda *_: None) == 0
+    assert [c[2] for c in calls] == [0.5, None]  # the other rung-2 trial, then the selected one to 100%
+    assert calls[0][1] != before_kill
+    st = json.loads((out / "search.json").read_text())["variants"]["lora"]
+    sel = next(t for t in st["trials"] if t["label"] == st["selected"])
+    assert {k: v["steps"] for k, v in sel["rungs"].items()} == {"0.25": 2, "0.5": 4}
+    final = out / "lora" / "seed0"
+    res = json.loads((final / "result.json").read_text())
+    assert res["speed"]["resumed_from_step"] == 4 and res["speed"]["steps"] == 8
+    assert res["metrics"]["eval_split"] == "test" and res["run"]["recipe"]["train"]["lr"] == sel["point"]["train.lr"]
+    assert loss_steps(final / "log.jsonl") == list(range(1, 9))  # every step once: 1-4 in the trial, 5-8 here
+    for t in st["trials"]:
+        steps = loss_steps(out / t["dir"] / "log.jsonl")
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) == max(v["steps"] for v in t["rungs"].values())
+    calls.clear()
+    assert search.search(f, out, echo=lambda *_: None) == 0 and calls == []  # all done: nothing retrained
+
+
+def test_shipped_search_recipe_costs_about_twice_the_comparison(tmp_path):
+    from conftest import ROOT
+
+    f = ROOT / "recipes" / "quickstart" / "search.yaml"
+    cr, runs, trials, plans = search.plan(f, tmp_path / "o", None)
+    assert len(trials) == 8 and all(len(ts) == 4 for ts in trials.values())
+    assert all(search.cost(len(ts), cr.search.eta) <= 2.0 for ts in trials.values())
+    for v, ts in trials.items():  # every default grid brackets the rate the plain comparison uses
+        lr = next(r for r in runs if r.variant == v).recipe.train.lr
+        lrs = [t.point["train.lr"] for t in ts]
+        assert min(lrs) < lr < max(lrs), (v, lr, lrs)
+
+
+def test_bad_search_section_one_line(tmp_path, tiny_models, sentiment_dir):
+    from peftkit.errors import RecipeError
+
+    f = write_compare(tmp_path, tiny_models, sentiment_dir, {"low": 1e-3, "high": 1e-4, "points": 3})
+    with pytest.raises(RecipeError, match="high"):
+        search.plan(f, tmp_path / "o", None)
+    data = yaml.safe_load(f.read_text())
+    data["search"] = {"variants": {"nope": {"lr": [1e-3]}}}
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match="unknown variant"):
+        search.plan(f, tmp_path / "o", None)
