@@ -27,7 +27,7 @@ import types
 
 import torch
 
-from . import backbone, strategies, tasks
+from . import backbone, hardware, strategies, tasks
 from .errors import UserError
 
 BLOCK = 64  # bitsandbytes 4-bit block size
@@ -93,6 +93,7 @@ def estimate(recipe, batch_size: int | None = None, seq_len: int | None = None,
     from transformers import AutoConfig
 
     t0 = time.perf_counter()
+    recipe = hardware.pinned(recipe)  # precision/compute_dtype auto: what this machine runs
     mc, tc = recipe.model, recipe.train
     batch = batch_size or tc.batch_size
     seq = seq_len or recipe.task.max_length

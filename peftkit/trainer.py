@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from . import flops, measure, memory, packing
+from . import flops, hardware, measure, memory, packing
 from .build import Built
 from .checkpoint import Checkpointer, warn
 from .errors import UserError
@@ -75,16 +75,17 @@ class Trainer:
         self.tc = built.recipe.train
         self.run_dir = Path(run_dir)
         self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
-        if self.tc.precision == "fp16" and not torch.cuda.is_available():
-            raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
+        self.precision = hardware.for_run(built.recipe, warn)  # auto -> bf16/fp16/fp32 for this machine
+        self.tc = self.tc.model_copy(update={"precision": self.precision.resolved})
         self.acc = Accelerator(
-            mixed_precision="no" if self.tc.precision == "fp32" else self.tc.precision,
+            mixed_precision=self.precision.mixed_precision,
             gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
             cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
             dataloader_config=dist.dataloader_config(),
         )
         set_seed(self.tc.seed)
         dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
+        self.acc.print(f"[peftkit] {self.precision.line()}")
         if note := dist.requested_but_not_used(self.acc):
             self.acc.print(f"[peftkit] note: {note}")
         self.log_f = None
@@ -325,6 +326,7 @@ class Trainer:
                 "seed": self.tc.seed,
                 "recipe_hash": b.recipe.hash(),
                 "recipe": b.recipe.to_dict(),
+                "precision": self.precision.record(),
                 "world_size": self.acc.num_processes,
                 "distributed_type": str(self.acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
