@@ -27,11 +27,7 @@ _PROBE_N = 128  # 4.2 MFLOP a matmul: ~5 ms in bf16 at 0.8 GFLOP/s (AVX2), well 
 
 def cpu_flags() -> set[str] | None:
     """The kernel's CPU flags (Linux /proc/cpuinfo), None where it is not available."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
+    for line in _cpuinfo_lines():
         if line.startswith(("flags", "Features")):
             return set(line.split(":", 1)[1].split())
     return None
@@ -164,3 +160,27 @@ def pinned(recipe):
     """The recipe with every ``auto`` precision resolved (for building and estimating)."""
     model = recipe.model.model_copy(update={"compute_dtype": compute_dtype(recipe)})
     return pin_precision(recipe).model_copy(update={"model": model})
+
+
+def describe() -> dict:
+    """The machine as CI logs should show it: CPU model, bf16-relevant flags, what auto resolves to."""
+    flags = cpu_flags()
+    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), None)
+    simd = sorted(f for f in flags or () if f.startswith(("avx", "amx", "fma", "sse4")))
+    return {"cpu": model, "simd_flags": simd, "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "auto": resolve("auto").record()}
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(describe(), indent=2))
