@@ -191,9 +191,9 @@ def spread(xs: list[float]) -> dict:
 def environment() -> dict:
     import torch
 
-    from peftkit import measure
+    from peftkit import provenance
 
-    env = measure.environment()
+    env = provenance.environment()
     env["cpu_model"] = _cpu_model()
     env["platform"] = platform.platform()
     env["loadavg_start"] = os.getloadavg()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from peftkit import measure, strategies, tasks  # noqa: E402
+from peftkit import flops, provenance, strategies, tasks  # noqa: E402
 
 SCHEMA = "peftkit.gpu_check/1"
 
@@ -79,7 +79,7 @@ def run(rd: dict, peak: float | None) -> dict:
         "reserved_bytes": mem.get("max_reserved_bytes"),
         "tokens_per_s": tps, "samples_per_s": res["speed"]["train_samples_per_s"],
         "step_time_median_s": res["speed"]["step_time_median_s"],
-        "flops_per_token": res["speed"].get("model_flops_per_token"), "model_flops_per_s": fps, "mfu": measure.mfu(fps, peak),
+        "flops_per_token": res["speed"].get("model_flops_per_token"), "model_flops_per_s": fps, "mfu": flops.mfu(fps, peak),
         "files": saved,
     }
     del built, res, trainer
@@ -90,7 +90,7 @@ def run(rd: dict, peak: float | None) -> dict:
 
 
 def environment() -> dict:
-    env = measure.environment()
+    env = provenance.environment()
     env["cuda"] = torch.version.cuda
     for name in ("flash-attn", "deepspeed"):
         try:
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
     try:
         n, iters = (256, 3) if dry else (8192, 100)
-        r["peak_matmul_flops"] = measure.matmul_peak_flops("cuda" if cuda else "cpu", torch.bfloat16, n, iters)
+        r["peak_matmul_flops"] = flops.matmul_peak_flops("cuda" if cuda else "cpu", torch.bfloat16, n, iters)
     except Exception as e:
         r["peak_error"] = f"{type(e).__name__}: {e}"
     save()

@@ -29,7 +29,7 @@ import common  # noqa: E402
 
 def matmul_peak(dtype, sizes, repeats: int) -> dict:
     """Best single ``torch.matmul`` FLOP/s over squares of these sizes (best of ``repeats`` each)."""
-    from peftkit.measure import matmul_peak_flops
+    from peftkit.flops import matmul_peak_flops
 
     per = {n: max(matmul_peak_flops("cpu", dtype, n, iters=1, warmup=int(r == 0)) for r in range(repeats))
            for n in sizes}

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import torch
 
 from .assets import cache_dir, is_builtin, locate
 from .errors import UserError
+from .io import atomic_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,16 +42,9 @@ def _smollm2_dir() -> Path:
     # The weights are already dequantized to fp32; without this transformers refuses to save.
     model.hf_quantizer = None
     model.is_quantized = False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".smollm2-"))
-    try:
+    with atomic_dir(dest, keep_existing=True) as tmp:  # a half-converted copy is never visible
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, dest)  # atomic: a half-converted copy is never visible
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "config.json").exists():
-            raise
     return dest
 
 

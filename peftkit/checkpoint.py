@@ -4,13 +4,12 @@ One checkpoint is a directory ``run_dir/checkpoints/step-00000012/`` with
 
 - ``strategy.safetensors``: the strategy's weights (every trainable parameter);
 - ``state.safetensors`` + ``state.json``: optimizer, LR scheduler, grad scaler, every RNG
-  state, the data position and the trainer's own counters; tensors go to safetensors, the
-  rest to JSON, so loading a checkpoint never runs code;
+  state, the log position and the trainer's ``TrainState`` (encoded by peftkit.state);
 - ``manifest.json``, written last: schema, step, recipe hash and the sha256 of each file.
 
-It is written in a hidden temporary directory (each file fsync'ed) and renamed into place,
-so a kill leaves either the whole checkpoint or nothing; a checksum mismatch (bit rot, a
-copy cut short) makes the loader fall back to the previous checkpoint with a warning.
+It is written with ``peftkit.io.atomic_dir`` (every file fsync'ed, then one rename), so a
+kill leaves either the whole checkpoint or nothing; a checksum mismatch (bit rot, a copy
+cut short) makes the loader fall back to the previous checkpoint with a warning.
 """
 
 from __future__ import annotations
@@ -18,117 +17,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import UserError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_dir, atomic_write_bytes, atomic_write_json, is_partial
+from .log import warn
+from .signals import Interrupted, StopSignals
+from .signals import name as signal_name
+from .state import TrainState, decode, encode, rng_state, set_rng_state
 
 SCHEMA = "peftkit.checkpoint/1"
 DIR = "checkpoints"
 _STEP = re.compile(r"^step-(\d{8,})$")
-# What a run directory holds while a run is unfinished; anything else makes it "not ours".
-RUN_FILES = {"log.jsonl", "recipe.yaml", "strategy.safetensors", "tb", DIR}
-OUTPUTS = RUN_FILES | {"result.json"}
-
-
-def warn(msg: str) -> None:
-    print(f"peftkit: warning: {msg}", file=sys.stderr, flush=True)
-
-
-class Interrupted(UserError):
-    """SIGINT/SIGTERM: the run stopped at a step boundary after saving a checkpoint."""
-
-    def __init__(self, msg: str, signum: int):
-        super().__init__(msg)
-        self.exit_code = 128 + signum
-
-
-# -- nested state <-> (JSON, tensors) -------------------------------------------------------
-def encode(obj, tensors: dict, key: str = "s"):
-    """A JSON-able copy of ``obj``; tensors are moved to ``tensors`` under a path-like key.
-
-    Tuples, non-string dict keys and numpy arrays are tagged so that ``decode`` gives back
-    the same types (optimizer param groups, RNG states).
-    """
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and not any(k.startswith("__") and k.endswith("__") for k in obj):
-            return {k: encode(v, tensors, f"{key}.{k}") for k, v in obj.items()}
-        return {"__items__": [[encode(k, tensors, f"{key}.k{i}"), encode(v, tensors, f"{key}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"checkpoint: cannot store a {type(obj).__name__} at {key}")
-
-
-def decode(obj, tensors: dict):
-    if isinstance(obj, list):
-        return [decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__ndarray__" in obj:
-            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-        if "__tuple__" in obj:
-            return tuple(decode(v, tensors) for v in obj["__tuple__"])
-        if "__items__" in obj:
-            return {decode(k, tensors): decode(v, tensors) for k, v in obj["__items__"]}
-        return {k: decode(v, tensors) for k, v in obj.items()}
-    return obj
-
-
-# -- RNG ------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 # -- files ----------------------------------------------------------------------------------
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -173,27 +84,13 @@ def write(root: Path, step: int, recipe_hash: str, weights: dict, state: dict, k
         "state.safetensors": save(tensors),
         "state.json": (json.dumps(meta) + "\n").encode(),
     }
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_dir(final) as tmp:  # an existing one is a corrupt leftover of an earlier attempt
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
         atomic_write_json(tmp / "manifest.json", {
             "schema": SCHEMA, "step": step, "recipe_hash": recipe_hash,
             "files": {n: {"bytes": len(d), "sha256": _sha256(d)} for n, d in files.items()}})
-        _fsync_dir(tmp)
-        if final.exists():  # a corrupt leftover of an earlier attempt at this step
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in step_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -236,107 +133,8 @@ def clean_partial(root: Path) -> None:
     """Remove temporary directories left by a kill during a checkpoint write."""
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")):
+            if is_partial(p.name) or p.name.startswith((".tmp-", ".old-")):  # (older peftkit's names)
                 shutil.rmtree(p, ignore_errors=True)
-
-
-# -- the run directory, checked before any weight is loaded -----------------------------------
-def _recipe_yaml_hash(path: Path) -> str | None:
-    import yaml
-
-    from .recipe import from_dict
-
-    try:
-        return from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}).hash()
-    except Exception:  # noqa: BLE001 - any unreadable/old recipe.yaml is "not this recipe"
-        return None
-
-
-def check_run_dir(out: Path, recipe_hash: str, force: bool, resume: bool = True) -> str:
-    """Decide what ``peftkit train`` does with ``out``: 'fresh' or 'resume' (or raise).
-
-    Resuming is automatic when ``out`` holds checkpoints of the same recipe hash and no
-    result.json, with or without ``--force`` (``compare`` reruns killed runs that way). A
-    finished run, another recipe's checkpoints or foreign files are refused unless
-    ``--force``, which then starts over (discarding peftkit's own files only).
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if not out.exists():
-        parent = next(p for p in out.absolute().parents if p.exists())
-        if not parent.is_dir():
-            raise UserError(f"--out {out}: cannot create directory ({parent} is not a directory)")
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"--out {out}: cannot create directory ({parent} is not writable)")
-        return "fresh"
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: directory is not writable")
-    names = {p.name for p in out.iterdir()}
-    if not names:
-        return "fresh"
-    hashes = {m["recipe_hash"] for p in step_dirs(out / DIR) if (m := read_manifest(p))}
-    finished = "result.json" in names
-    if not force:
-        if finished:
-            try:
-                json.loads((out / "result.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise UserError(f"--out {out}: result.json is corrupt ({e.__class__.__name__}: {e}); "
-                                "use --force to train again") from None
-            raise UserError(f"--out {out}: holds a finished run (result.json); use --force to train again")
-        if hashes - {recipe_hash}:
-            raise UserError(f"--out {out}: holds checkpoints of a different recipe (hash {', '.join(sorted(hashes))}; "
-                            f"this recipe {recipe_hash}); use another --out, or --force to discard them")
-        if not names <= RUN_FILES:
-            raise UserError(f"--out {out}: directory is not empty (use --force to overwrite)")
-        if "recipe.yaml" in names and not hashes and _recipe_yaml_hash(out / "recipe.yaml") != recipe_hash:
-            raise UserError(f"--out {out}: holds an unfinished run of a different recipe; "
-                            "use another --out, or --force to discard it")
-    if hashes == {recipe_hash} and not finished and resume:
-        return "resume"
-    start_over(out)
-    return "fresh"
-
-
-def start_over(out: Path) -> None:
-    """Discard peftkit's own files in a run directory (never anything else)."""
-    for name in OUTPUTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-# -- signals --------------------------------------------------------------------------------
-class StopSignals:
-    """SIGINT/SIGTERM set ``signum``; the trainer checkpoints at the next step and stops.
-
-    A second signal interrupts at once (KeyboardInterrupt).
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum = 0
-        self._old: dict = {}
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        warn(f"{signal.Signals(signum).name}: stopping after this step (a checkpoint is saved); "
-             "press Ctrl-C again to stop at once")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 # -- the trainer's side ---------------------------------------------------------------------
@@ -352,9 +150,14 @@ class Checkpointer:
         self.resume = resume
         self.signals = StopSignals()
         self.loaded: Loaded | None = None
+        self.parts: tuple = ()
+
+    def attach(self, model, strategy, opt, sched, log) -> None:
+        """The prepared objects a checkpoint saves and restores (and the log it cuts back)."""
+        self.parts = (model, strategy, opt, sched, log)
 
     def begin(self) -> Loaded | None:
-        """Before the log is opened: record the recipe, find the checkpoint to resume from."""
+        """Before the log is opened: record the recipe (once), find the checkpoint to resume from."""
         from .recipe import dump_yaml
 
         if self.sharded:
@@ -383,21 +186,21 @@ class Checkpointer:
             print(f"[peftkit] resuming from {self.loaded.path} (step {self.loaded.step})", file=sys.stderr)
         return self.loaded
 
-    def restore(self, model, strategy, opt, sched) -> dict:
-        """Load weights, optimizer, scheduler, scaler and RNG into prepared objects; the trainer's state."""
+    def restore(self, state: TrainState) -> None:
+        """Weights, optimizer, scheduler, scaler and RNG into the attached objects; ``state`` as saved."""
+        model, strategy, opt, sched, _ = self.parts
         s = self.loaded.state
         strategy.load_state_dict(self.acc.unwrap_model(model), self.loaded.weights)
         opt.load_state_dict(s["optimizer"])
         sched.load_state_dict(s["scheduler"])
         if self.acc.scaler is not None and s.get("scaler") is not None:
             self.acc.scaler.load_state_dict(s["scaler"])
-        self.acc.step = s["accelerator_step"]
         rngs = s["rng"]
         if len(rngs) != self.acc.num_processes:
             warn(f"checkpoint was written by {len(rngs)} process(es), this run has {self.acc.num_processes}: "
                  "data order is kept, dropout randomness is not")
         set_rng_state(rngs[min(self.acc.process_index, len(rngs) - 1)])
-        return s["trainer"]
+        state.load_state_dict(s["trainer"])
 
     def _stop_requested(self) -> int:
         signum = self.signals.signum
@@ -405,21 +208,24 @@ class Checkpointer:
             signum = int(self.acc.reduce(torch.tensor(signum, device=self.acc.device), "max"))
         return signum
 
-    def step_end(self, step: int, model, strategy, opt, sched, log_f, trainer: dict) -> None:
+    def step_end(self, state: TrainState) -> None:
         """After each optimizer step: save when due or when a signal asked to stop, then stop."""
         signum = self._stop_requested()
-        if not signum and not (self.every and step % self.every == 0):
+        if not signum and not (self.every and state.step % self.every == 0):
             return
         if self.sharded:
-            raise Interrupted(f"{signal.Signals(signum).name} at step {step}: no checkpoint under FSDP/DeepSpeed", signum)
-        path = self.save(step, model, strategy, opt, sched, log_f, trainer)
+            raise Interrupted(f"{signal_name(signum)} at step {state.step}: no checkpoint under FSDP/DeepSpeed",
+                              signum)
+        path = self.save(state)
         if signum:
-            raise Interrupted(f"{signal.Signals(signum).name} at step {step}: checkpoint saved to {path}; "
+            raise Interrupted(f"{signal_name(signum)} at step {state.step}: checkpoint saved to {path}; "
                               "run the same command again to resume", signum)
 
-    def save(self, step, model, strategy, opt, sched, log_f, trainer: dict) -> Path:
+    def save(self, state: TrainState) -> Path:
         from .errors import TrainingFailed
 
+        model, strategy, opt, sched, log = self.parts
+        step = state.step
         weights = strategy.state_dict(self.acc.unwrap_model(model))
         bad = [n for n, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:  # never replace a good checkpoint by a broken one
@@ -428,18 +234,17 @@ class Checkpointer:
         rngs = self._gather_rng()
         path = self.root / f"step-{step:08d}"
         if self.acc.is_main_process:
-            state = {
+            saved = {
                 "step": step,
                 "recipe_hash": self.hash,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                "accelerator_step": self.acc.step,
                 "rng": rngs,
-                "log_bytes": log_f.tell() if log_f is not None else 0,
-                "trainer": trainer,
+                "log_bytes": log.tell() if log is not None else 0,
+                "trainer": state.state_dict(),
             }
-            path = write(self.root, step, self.hash, weights, state, self.keep)
+            path = write(self.root, step, self.hash, weights, saved, self.keep)
         self.acc.wait_for_everyone()
         return path
 

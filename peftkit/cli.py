@@ -65,7 +65,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out or r.run_dir())
-    from .checkpoint import check_run_dir
+    from .rundir import check_run_dir
 
     # Resuming is automatic: a run dir with checkpoints of this recipe continues where it stopped.
     # Rank 0 decides (other ranks would find its files); the trainer shares its choice.
@@ -76,10 +76,9 @@ def cmd_train(args) -> int:
         return _relaunch(args, out)
     if dist.env_rank() != 0:
         dist.quiet_rank()
-    from .build import build
-    from .trainer import Trainer
+    from . import api
 
-    res = Trainer(build(r), out, resume=mode == "resume").fit()
+    res = api.fit(r, out, resume=mode == "resume")
     if dist.env_rank() != 0:
         return 0
     m = res["metrics"]["eval"]
@@ -92,15 +91,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import export as E
+    from . import api
 
     out = Path(args.out)
-    if args.verify_examples < 1:
-        raise UserError(f"--verify-examples: must be at least 1 (got {args.verify_examples})")
-    E.check(args.run_dir, out, args.adapter_only, args.dtype)
-    E.check_out_dir(out, args.force)
-    s = E.export(args.run_dir, out, dtype=args.dtype, verify=args.verify, adapter_only=args.adapter_only,
-                 verify_examples=args.verify_examples)
+    s = api.export(args.run_dir, out, dtype=args.dtype, verify=args.verify, adapter_only=args.adapter_only,
+                   verify_examples=args.verify_examples, force=args.force, push_to_hub=args.push_to_hub)
     what = f"merged, {s['dtype']}" if s["merged"] else f"adapter only, {s['format']} format"
     print(f"[peftkit] exported {s['strategy']} ({what}) to {out}: {len(s['files'])} files, {s['bytes'] / 1e6:.2f} MB")
     v = s.get("verify")
@@ -154,11 +149,22 @@ def _relaunch(args, out: Path) -> int:
 
 
 def cmd_estimate(args) -> int:
+    from . import plan
     from . import recipe as R
-    from .estimate import estimate, render
+    from . import api
+    from .estimate import render
 
-    r = R.load(args.recipe, args.overrides)
-    est = estimate(r, batch_size=args.batch_size, seq_len=args.seq_len)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is None or ("=" in recipe and not Path(recipe).exists()):  # only overrides: the default recipe
+        overrides = ([recipe] if recipe else []) + overrides
+        recipe = str(Path(__file__).parent / "catalog" / "default.yaml")
+    if args.fit or plan.is_compare(recipe):
+        budget = plan.parse_bytes(args.fit) if args.fit else None
+        rows = plan.table(recipe, overrides, budget, args.device, args.batch_size, args.seq_len)
+        print(json.dumps(rows, indent=2)) if args.json else plan.render(rows, budget, args.device)
+        return 0
+    r = R.load(recipe, overrides)
+    est = api.estimate(r, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
     if args.json:
         print(json.dumps(est, indent=2))
     else:
@@ -167,15 +173,15 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from . import api
 
-    return compare(args.recipe, args.out, args.overrides, timeout=args.timeout)
+    return 1 if api.compare(args.recipe, args.out, args.overrides, timeout=args.timeout)["failed"] else 0
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from . import api
 
-    report(args.dir)
+    api.report(args.dir, screenshot=args.screenshot)
     return 0
 
 
@@ -201,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(see recipes/accelerate/)")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("estimate", help="predict training memory per component, before loading any weight")
-    e.add_argument("recipe")
+    e = sub.add_parser("estimate", help="predict a training step's peak memory, before loading any weight")
+    e.add_argument("recipe", nargs="?", help="recipe or compare recipe (default: peftkit/catalog/default.yaml)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.name=qlora")
     e.add_argument("--batch-size", type=int, help="default: train.batch_size")
     e.add_argument("--seq-len", type=int, help="default: task.max_length (every batch padded to it: an upper bound)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    e.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="target device to model (no GPU needed)")
+    e.add_argument("--fit", metavar="SIZE", help="e.g. 24GiB: largest batch / longest sequence that fit, per strategy")
     e.set_defaults(fn=cmd_estimate)
 
     c = sub.add_parser("compare", help="run every variant of a compare recipe in its own process, then report")
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="table + plots from a directory of comparison runs")
     rp.add_argument("dir")
+    rp.add_argument("--screenshot", metavar="PNG", help="also save a headless-chromium screenshot of report.html")
     rp.set_defaults(fn=cmd_report)
 
     v = sub.add_parser("validate", help="check recipes without loading weights")
@@ -234,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verify-examples", type=int, default=64, metavar="N", help="eval examples for --verify")
     e.add_argument("--adapter-only", action="store_true", help="write only the strategy's weights (+ recipe, tokenizer)")
     e.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    e.add_argument("--push-to-hub", metavar="REPO", help="then upload the export to this (private) Hub model repo")
     e.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("predict", help="predict with an exported model or a run directory")

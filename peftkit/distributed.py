@@ -107,14 +107,13 @@ def loss_weight(local: int, global_: int, world: int) -> float:
 
 
 def accumulation_plugin(steps: int):
-    """Gradient accumulation counted by the trainer's groups, not by the end of the DataLoader.
-
-    With ``sync_with_dataloader`` accelerate syncs on EVERY micro-batch fetched after the last
-    one was (the trainer fetches a group ahead), i.e. two optimizer steps in one.
+    """Gradient accumulation: accelerate syncs every ``steps`` micro-batches and at the end of
+    the epoch's loader (a short last group), resetting its count there. The trainer fetches
+    micro-batches one at a time, so the loader's end is known exactly at its last batch.
     """
     from accelerate.utils import GradientAccumulationPlugin
 
-    return GradientAccumulationPlugin(num_steps=steps, sync_with_dataloader=False)
+    return GradientAccumulationPlugin(num_steps=steps, sync_with_dataloader=True)
 
 
 def dataloader_config():

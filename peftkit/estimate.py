@@ -1,163 +1,98 @@
-"""Training-memory estimate before any weight is loaded.
+"""Training-memory estimate before any weight is loaded: one whole step on fake tensors.
 
-The model is built from its config alone on *fake* tensors (``FakeTensorMode``: shapes and
-dtypes, no storage), the strategy is applied to it exactly as in training, and one forward
-pass with a fake batch of the recipe's size runs under the recipe's autocast while
-``saved_tensors_hooks`` record what autograd would keep for backward. So:
+The model is built from its config alone on the meta device, the strategy is applied to it
+exactly as in training, then every parameter/buffer becomes a *fake* tensor
+(``FakeTensorMode``: shapes and dtypes, no storage). The optimizer takes one warm-up step
+(its state exists, as after the trainer's first step) and then one whole training step runs
+- forward under the recipe's autocast, backward, optimizer step, zero_grad - under the same
+live-storage tracker that measures real steps (``memory.LiveMemory``). So the estimate is a
+peak, temporaries included, by the same rule as the measurement.
 
-* weights     = sum over parameter/buffer storages of numel x element size; 4-bit layers at
-                numel/2 bytes plus bitsandbytes' quant state (absmax per 64-block: uint8 with
-                double quantization + fp32 per 256 blocks, else fp32; code; offset)
-* gradients   = trainable params x param element size (fp32 master weights under autocast)
-* optimizer   = AdamW: 2 x trainable params x element size + 4 bytes per trainable tensor (step)
-* activations = unique storages saved for backward by one forward of (batch, seq) tokens,
-                parameters excluded, autocast's low-precision copies included
-
-4-bit linears are traced as bitsandbytes' CPU path behaves: input cast to the compute dtype,
-nothing saved for backward (the packed weight is held on the autograd context).
-Nothing here models allocator overhead or backward-pass temporaries (gradients of
-activations), which the measured peak includes.
+Stand-ins where the real kernels cannot run on fake tensors (see ``fakes.py``):
+4-/8-bit linears hold packed weights plus bitsandbytes' quant state and dequantize a
+compute-dtype copy of the weight per call (as bitsandbytes does); ``device="cuda"`` swaps
+attention for a flash/memory-efficient stand-in (O(seq) statistics, no score matrix),
+rounds every block to 512 B and adds a stated CUDA-context allowance.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 import types
 
 import torch
 
-from . import backbone, hardware, strategies, tasks
+from . import backbone, fakes, hardware, memory, strategies, tasks
 from .errors import UserError
-
-BLOCK = 64  # bitsandbytes 4-bit block size
-
-
-def _sid(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
+from .memory import rel_error  # noqa: F401  (re-exported: estimate.rel_error)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+EXACT_LAYERS = 4  # deeper models: traced at 2 and 3 (or 2 and 4) layers, extrapolated linearly
 
 
-def quant4_bytes(numel: int, double_quant: bool) -> tuple[int, int]:
-    """(packed weight bytes, quant-state bytes) of one 4-bit weight."""
-    blocks = math.ceil(numel / BLOCK)
-    if double_quant:
-        state = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 + 16 * 4  # absmax u8, state2, offset, code
-    else:
-        state = blocks * 4 + 16 * 4
-    return (numel + 1) // 2, state
-
-
-class _NoSaveLinear(torch.autograd.Function):
-    """Shape stand-in of bitsandbytes MatMul4Bit: nothing goes through save_for_backward."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.w = w
-        return torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, g):
-        return g @ ctx.w.to(g.dtype), None, None
-
-
-def _as_4bit(module: torch.nn.Linear, compute_dtype: torch.dtype):
-    def forward(self, x):
-        return _NoSaveLinear.apply(x.to(compute_dtype), self.weight, self.bias).to(x.dtype)
-
-    module.forward = types.MethodType(forward, module)
-
-
-def _quantized_linears(model, skip: list[str]) -> list[tuple[str, torch.nn.Linear]]:
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    patterns = list(skip) if skip else get_keys_to_not_convert(model)
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and should_convert_module(n, patterns)]
-
-
-def _fake_batch(auto_name: str, batch: int, seq: int) -> dict:
+def _fake_batch(auto_name: str, batch: int, seq: int, packed: bool) -> dict:
+    if packed:  # padding-free: one row of batch x seq tokens, positions restart per sequence
+        ids = torch.zeros(1, batch * seq, dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone(),
+                "position_ids": torch.arange(seq).repeat(batch).unsqueeze(0)}
     ids = torch.zeros(batch, seq, dtype=torch.long)
     labels = torch.zeros(batch, dtype=torch.long) if "SequenceClassification" in auto_name else ids.clone()
     return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": labels}
 
 
-def estimate(recipe, batch_size: int | None = None, seq_len: int | None = None,
-             seq_source: str | None = None, device: str | None = None, task=None, tokenizer=None) -> dict:
-    """Memory of training ``recipe`` per component, predicted from config and shapes only."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def _config(mc):
     from transformers import AutoConfig
 
-    t0 = time.perf_counter()
-    recipe = hardware.pinned(recipe)  # precision/compute_dtype auto: what this machine runs
-    mc, tc = recipe.model, recipe.train
-    batch = batch_size or tc.batch_size
-    seq = seq_len or recipe.task.max_length
-    src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
-    tok = tokenizer or backbone.load_tokenizer(mc)
-    task = task or tasks.get(recipe.task, tok)
-    path = backbone.resolve(mc.name)
+    from .catalog import resolve_config
+
     try:
-        config = AutoConfig.from_pretrained(path, revision=mc.revision, trust_remote_code=mc.trust_remote_code,
-                                            **task.model_kwargs())
+        config = resolve_config(mc.name)
+        if config is None:
+            config = AutoConfig.from_pretrained(backbone.resolve(mc.name), revision=mc.revision,
+                                                trust_remote_code=mc.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"model.name: cannot read the config of '{mc.name}': {str(e).splitlines()[0]}") from None
-    if getattr(config, "pad_token_id", None) is None and tok.pad_token_id is not None:
-        config.pad_token_id = tok.pad_token_id
-    dtype = backbone.DTYPES[mc.dtype]
-    quant = mc.quantization or "none"
-    cdt = backbone.DTYPES[mc.compute_dtype]
-    attn = backbone.attention_impl(mc.attn_implementation, dtype if quant == "none" else cdt)
-    auto = task.auto_class()
-    strategy = strategies.get(recipe.strategy)
+    return config
 
-    # Built and adapted on the meta device (peft moves modules, which fake tensors refuse),
-    # then every parameter/buffer becomes a fake CPU tensor for the trace (ties kept).
+
+def _tokens(config, tok):
+    """The tokenizer, or for config-only models a stand-in with the config's special ids."""
+    if tok is not None:
+        return tok
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    return types.SimpleNamespace(eos_token_id=eos, pad_token_id=getattr(config, "pad_token_id", None) or eos or 0,
+                                 sep_token_id=getattr(config, "sep_token_id", None), chat_template=None)
+
+
+def fake_model(recipe, config, task, device: str):
+    """(model on meta tensors, its AutoModel class name, [quantized linears])."""
+    mc = recipe.model
+    for k, v in task.model_kwargs().items():
+        setattr(config, k, v)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = task.tokenizer.pad_token_id
+    dtype, cdt = backbone.DTYPES[mc.dtype], backbone.DTYPES[mc.compute_dtype]
+    quant = mc.quantization or "none"
+    attn = backbone.attention_impl(mc.attn_implementation, dtype if quant == "none" else cdt)
+    if device == "cuda" and attn in ("sdpa", "flash_attention_2"):
+        attn = fakes.flash_attention_name()
+    auto = task.auto_class()
+    # Built and adapted on the meta device (peft moves modules, which fake tensors refuse).
     with torch.device("meta"):
         model = auto.from_config(config, dtype=dtype, attn_implementation=attn,
                                  trust_remote_code=mc.trust_remote_code)
-        qlinears = _quantized_linears(model, list(task.head_names)) if quant != "none" else []
-        for _, m in qlinears:
-            _as_4bit(m, cdt)  # 8-bit saves nothing either (weight held on ctx)
+        qlinears = fakes.quantized_linears(model, list(task.head_names)) if quant != "none" else []
         if mc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        head = task.head(model)
-        model = strategy.apply(model, head)
+        model = strategies.get(recipe.strategy).apply(model, task.head(model))
     model.train()
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        qweights = [m.weight for _, m in qlinears]
-        # bitsandbytes casts a 4-bit layer's bias to the compute dtype on its first forward.
-        qbiases = [m.bias for _, m in qlinears if m.bias is not None and quant == "4bit"]
-        fake = _to_fake(model)
-        parts = _static_parts(model, {id(fake[id(w)]) for w in qweights}, quant, mc.double_quant,
-                              {id(fake[id(b)]) for b in qbiases}, cdt)
-        acts = _activations(model, auto.__name__, batch, seq, tc.precision)
-
-    comps = {
-        "weights": parts["weights"],
-        "gradients": parts["gradients"],
-        "optimizer": parts["optimizer"],
-        "activations": acts,
-    }
-    total = sum(c["total_bytes"] for c in comps.values())
-    return {
-        "method": "config + fake-tensor trace (no weights loaded)",
-        "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
-        "device": device or "cpu",
-        "params": parts["params"],
-        **comps,
-        "total_bytes": total,
-        "training_bytes": total - comps["weights"]["total_bytes"],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    return model, auto.__name__, qlinears
 
 
-def _to_fake(model) -> dict[int, torch.Tensor]:
-    """Replace meta parameters/buffers by fake CPU tensors in place; {id(old): new}."""
+def _to_fake(model) -> None:
+    """Replace meta parameters/buffers by fake CPU tensors in place (ties kept)."""
     done: dict[int, torch.Tensor] = {}
     for mod in model.modules():
         for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
@@ -168,82 +103,152 @@ def _to_fake(model) -> dict[int, torch.Tensor]:
                     new = torch.empty(t.shape, dtype=t.dtype, device="cpu")
                     done[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
                 store[name] = done[id(t)]
-    return done
 
 
-def _static_parts(model, quantized: set[int], quant: str, double_quant: bool, cast: set[int],
-                  compute_dtype: torch.dtype) -> dict:
-    from collections import defaultdict
+def _warm_optimizer(model, tc):
+    """The trainer's optimizer after one step: its state exists, gradients are None."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    seen: set = set()
-    by: dict[str, int] = defaultdict(int)
-    trainable = total = tensors = 0
-    grad = opt = 0
+    from .optim import make_optimizer
+
+    with unset_fake_temporarily():  # bitsandbytes builds its quantization maps from real values
+        opt = make_optimizer(model, tc)
     for p in model.parameters():
-        if _sid(p) in seen:
-            continue
-        seen.add(_sid(p))
-        total += p.numel()
-        if id(p) in quantized:
-            if quant == "4bit":
-                packed, state = quant4_bytes(p.numel(), double_quant)
-                by["4bit packed"] += packed
-            else:
-                by["int8"] += p.numel()
-                state = p.shape[0] * 4  # SCB: one fp32 scale per output row
-            by["quant_state"] += state
-        elif id(p) in cast:
-            by[str(compute_dtype).removeprefix("torch.")] += p.numel() * compute_dtype.itemsize
-        else:
-            by[str(p.dtype).removeprefix("torch.")] += _nbytes(p)
         if p.requires_grad:
-            trainable += p.numel()
-            tensors += 1
-            grad += _nbytes(p)
-            opt += 2 * _nbytes(p) + 4
-    for b in model.buffers():
-        if _sid(b) not in seen:
-            seen.add(_sid(b))
-            by["buffers"] += _nbytes(b)
-    return {
-        "params": {"total": total, "trainable": trainable, "trainable_tensors": tensors},
-        "weights": {"by_type": dict(by), "total_bytes": sum(by.values())},
-        "gradients": {"total_bytes": grad},
-        "optimizer": {"formula": "AdamW: 2 x trainable x element size + 4 B/tensor", "total_bytes": opt},
-    }
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
 
 
-def _activations(model, auto_name: str, batch: int, seq: int, precision: str) -> dict:
-    from collections import defaultdict
-
-    exclude = {_sid(t) for t in list(model.parameters()) + list(model.buffers())}
-    saved: dict[int, tuple[int, str]] = {}
-
-    def pack(t):
-        k = _sid(t)
-        if k not in exclude and k not in saved:
-            saved[k] = (t.untyped_storage().nbytes(), str(t.dtype).removeprefix("torch."))
-        return t
-
-    amp = precision in ("bf16", "fp16")
-    with torch.autocast("cpu", dtype=backbone.DTYPES[precision], enabled=amp), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**_fake_batch(auto_name, batch, seq))
-    by: dict[str, int] = defaultdict(int)
-    for b, dt in saved.values():
-        by[dt] += b
-    return {"by_dtype": dict(by), "tensors": len(saved), "total_bytes": sum(by.values())}
+def _step(model, opt, batch: dict, micro: int, tc) -> None:
+    amp = tc.precision in ("bf16", "fp16")
+    for _ in range(micro):
+        with torch.autocast("cpu", dtype=backbone.DTYPES[tc.precision], enabled=amp):
+            loss = model(**batch).loss
+        loss.backward()
+        del loss
+    if tc.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tc.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
-def rel_error(est: float | None, ref: float | None) -> float | None:
-    """(estimate - reference) / reference."""
-    if est is None or not ref:
+def estimate(recipe, batch_size: int | None = None, seq_len: int | None = None,
+             seq_source: str | None = None, device: str | None = None, task=None, tokenizer=None) -> dict:
+    """Peak memory of one training step of ``recipe``, predicted from config and shapes only."""
+    return Estimator(recipe, device, task, tokenizer).at(batch_size, seq_len, seq_source)
+
+
+class Estimator:
+    """Fake models built once per recipe; ``at(batch, seq)`` traces one step at that shape.
+
+    Decoder/encoder layers are identical, so every byte at the peak is linear in the layer
+    count: a deep model is traced at two small layer counts and extrapolated (exact for a
+    repeated block; a test compares it with the full trace).
+    """
+
+    def __init__(self, recipe, device: str | None = None, task=None, tokenizer=None):
+        recipe = hardware.pinned(recipe)  # precision/compute_dtype auto: what this machine runs
+        self.recipe, self.target = recipe, device or "cpu"
+        config = _config(recipe.model)
+        self.config = config
+        self.task = task or tasks.get(recipe.task, _tokens(config, tokenizer if tokenizer is not None
+                                                           else _tokenizer(recipe.model)))
+        key = next((k for k in LAYER_KEYS if isinstance(getattr(config, k, None), int)), None)
+        n = getattr(config, key) if key else 0
+        if n <= EXACT_LAYERS or getattr(config, "is_encoder_decoder", False):
+            self.runs, self.f, self.how = [_FakeRun(recipe, config, self.task, self.target)], None, "every layer traced"
+        else:
+            period = 2 if len(set(getattr(config, "layer_types", None) or [0])) > 1 else 1  # e.g. Gemma-2
+            lo, hi = (2, 3) if period == 1 else (2, 4)
+            self.runs = [_FakeRun(recipe, _with_layers(config, key, k), self.task, self.target) for k in (lo, hi)]
+            self.f, self.how = (n - lo) / (hi - lo), f"{n} layers extrapolated from traces of {lo} and {hi}"
+
+    def at(self, batch_size: int | None = None, seq_len: int | None = None, seq_source: str | None = None) -> dict:
+        t0 = time.perf_counter()
+        tc = self.recipe.train
+        batch, seq = batch_size or tc.batch_size, seq_len or self.recipe.task.max_length
+        src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
+        traces = [r.trace(batch, seq) for r in self.runs]
+        out = traces[0] if self.f is None else _extrapolate(*traces, self.f)
+        peak = out["peak_bytes"] - out.get("paged_optimizer_bytes", 0)
+        out.update({
+            "method": "one whole training step on fake tensors (no weights loaded), live-storage tracker; " + self.how,
+            "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
+            "device": self.target, "optimizer": tc.optimizer, "peak_bytes": peak, "total_bytes": peak,
+        })
+        out.update(fakes.allowances(self.target, peak))
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+
+
+def _with_layers(config, key: str, n: int):
+    c = copy.deepcopy(config)
+    setattr(c, key, n)
+    if getattr(c, "layer_types", None):
+        c.layer_types = c.layer_types[:n]
+    return c
+
+
+def _extrapolate(a, b, f: float):
+    """a + f * (b - a) for every number (nested dicts kept)."""
+    if isinstance(a, dict):
+        return {k: _extrapolate(a[k], b.get(k, a[k]), f) for k in a}
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return int(round(a + f * (b - a)))
+    return a
+
+
+class _FakeRun:
+    """One fake model with its warmed-up optimizer; ``trace`` runs one tracked step (reusable)."""
+
+    def __init__(self, recipe, config, task, target: str):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.tc, self.target = recipe.train, target
+        self.model, self.auto_name, qlinears = fake_model(recipe, copy.deepcopy(config), task, target)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            _to_fake(self.model)
+            fakes.quantize(qlinears, recipe.model)
+            trainable, total = strategies.count_params(self.model)
+            self.opt = _warm_optimizer(self.model, self.tc)
+            self.static = {"params": {"total": total, "trainable": trainable},
+                           "weights": memory.weight_bytes(self.model),
+                           "optimizer_state": memory.optimizer_bytes(self.opt)}
+            if target == "cuda":
+                self.static["paged_optimizer_bytes"] = fakes.paged_bytes(self.opt)
+
+    def trace(self, batch: int, seq: int) -> dict:
+        with self.mode:
+            tracker = memory.LiveMemory(round_to=fakes.BLOCK_ROUND if self.target == "cuda" else 1)
+            handles = memory.track_state(tracker, self.model, self.opt)
+            fb = _fake_batch(self.auto_name, batch, seq, self.tc.padding_free)
+            try:
+                with tracker:
+                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc)
+            finally:
+                for h in handles:
+                    h.remove()
+        peak = tracker.summary()
+        return {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"]}
+
+
+def _tokenizer(mc):
+    """The recipe's tokenizer; None for catalogue/config-only models (vocab size from config)."""
+    from .catalog import resolve_config
+
+    if resolve_config(mc.name) is not None:
         return None
-    return (est - ref) / ref
+    try:
+        return backbone.load_tokenizer(mc)
+    except UserError:
+        return None
 
 
 def render(est: dict, recipe=None) -> None:
-    """The estimate as a terminal table."""
+    """The estimate as a terminal table: the peak and its split by category."""
     from rich.console import Console
     from rich.table import Table
 
@@ -252,21 +257,19 @@ def render(est: dict, recipe=None) -> None:
 
     p = est["params"]
     title = (f"{recipe.strategy.name} on {recipe.model.name}: " if recipe is not None else "") + (
-        f"batch {est['batch_size']} x seq {est['seq_len']}, {est['precision']}")
+        f"batch {est['batch_size']} x seq {est['seq_len']}, {est['precision']}, target {est['device']}")
     t = Table(title=title)
-    t.add_column("component")
+    t.add_column("at the step's peak")
     t.add_column("bytes", justify="right")
-    t.add_column("detail")
-    w = est["weights"]
-    t.add_row("weights", mib(w["total_bytes"]), ", ".join(f"{k} {mib(v)}" for k, v in w["by_type"].items()))
-    t.add_row("gradients", mib(est["gradients"]["total_bytes"]), f"{p['trainable']:,} trainable params")
-    t.add_row("optimizer", mib(est["optimizer"]["total_bytes"]), est["optimizer"]["formula"])
-    a = est["activations"]
-    t.add_row("activations", mib(a["total_bytes"]),
-              f"{a['tensors']} saved tensors: " + ", ".join(f"{k} {mib(v)}" for k, v in a["by_dtype"].items()))
-    t.add_row("[bold]total[/bold]", f"[bold]{mib(est['total_bytes'])}[/bold]",
-              f"trainable {p['trainable']:,} / {p['total']:,} ({100 * p['trainable'] / max(p['total'], 1):.2f}%)")
+    for k, v in est["at_peak"].items():
+        t.add_row(k, mib(v))
+    t.add_row("[bold]peak (allocated)[/bold]", f"[bold]{mib(est['peak_bytes'])}[/bold]")
+    if "device_total_bytes" in est:
+        t.add_row(f"+ {est['context_note']}", mib(est["context_bytes"]))
+        t.add_row("[bold]device total[/bold]", f"[bold]{mib(est['device_total_bytes'])}[/bold]")
     c = Console()
     c.print(t)
-    c.print(f"seq length: {est['seq_source']}; {est['method']}; {est['seconds']} s. "
-            "Not included: allocator overhead and backward temporaries.")
+    w = est["weights"]
+    c.print("weights: " + ", ".join(f"{k} {mib(v)}" for k, v in w["by_type"].items())
+            + f"; trainable {p['trainable']:,} / {p['total']:,} params")
+    c.print(f"seq length: {est['seq_source']}; {est['method']}; {est['seconds']} s.")

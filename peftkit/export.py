@@ -1,8 +1,7 @@
 """Export a run: fold the strategy into plain transformers weights, save, verify.
 
-A run directory (``peftkit train``) holds ``recipe.yaml``, ``result.json`` and
-``strategy.safetensors``. The model is rebuilt from the recipe as it was trained and the
-strategy's weights are loaded (``load_trained``). Then:
+The run is rebuilt from its directory as it was trained, with the strategy's weights
+(``rundir.load_trained``). Then:
 
 * a mergeable strategy is merged (``Strategy.merge``) and saved with its tokenizer: a
   directory that ``AutoModelFor<Task>.from_pretrained`` loads with transformers alone;
@@ -30,6 +29,8 @@ from . import hardware, strategies
 from .backbone import DTYPES
 from .errors import UserError
 from .io import atomic_dir, atomic_write_json, atomic_write_text, save_safetensors
+from .model_card import write as write_card
+from .rundir import RECIPE, WEIGHTS, load_trained, read_recipe
 
 EXPORT_JSON = "peftkit.json"
 VERIFY_SCHEMA = "peftkit.verify/1"
@@ -45,75 +46,6 @@ _RANK = ["bf16", "fp16", "fp32"]
 
 class NotMergeable(UserError):
     pass
-
-
-# -- reading a run ------------------------------------------------------------------------
-def read_recipe(d: str | Path):
-    """The run's resolved recipe; label names from result.json so no data is needed to load."""
-    from . import recipe as R
-
-    d = Path(d)
-    if not d.is_dir():
-        raise UserError(f"{d}: run directory not found")
-    if not (d / "recipe.yaml").is_file():
-        raise UserError(f"{d}: not a peftkit run directory (no recipe.yaml)")
-    r = R.load(d / "recipe.yaml")
-    labels = None
-    if (d / "result.json").is_file():
-        try:
-            labels = (json.loads((d / "result.json").read_text(encoding="utf-8")).get("task") or {}).get("labels")
-        except (OSError, ValueError) as e:
-            raise UserError(f"{d / 'result.json'}: cannot read ({e})") from None
-    if labels and "labels" in type(r.task).model_fields and getattr(r.task, "labels", None) is None:
-        data = r.to_dict()
-        data["task"]["labels"] = labels
-        r = R.from_dict(data, str(d / "recipe.yaml"))
-    return r
-
-
-def _load_weights(built, d: Path) -> None:
-    from safetensors.torch import load_file
-
-    st, adapter = d / "strategy.safetensors", d / "adapter_model.safetensors"
-    if st.is_file():
-        try:
-            built.strategy.load_state_dict(built.model, load_file(st))
-        except ValueError as e:
-            raise UserError(f"{st}: {e}") from None
-    elif adapter.is_file():
-        from peft import set_peft_model_state_dict
-
-        res = set_peft_model_state_dict(built.model, load_file(adapter))
-        if res.unexpected_keys:
-            raise UserError(f"{adapter}: weights do not fit the model: unknown {res.unexpected_keys[:3]}")
-    else:
-        raise UserError(f"{d}: no strategy.safetensors (was it trained with output.save_weights: false?)")
-
-
-def load_trained(d: str | Path, base: str = "as-trained"):
-    """Rebuild a run (or an adapter-only export) with its trained weights, in eval mode.
-
-    ``base``: ``as-trained`` (quantized if the run was); ``dequantized`` (a quantized
-    backbone turned into plain linears holding the dequantized weights before the strategy
-    is applied); ``original`` (the backbone's full-precision weights, no quantization).
-    """
-    from .build import build
-
-    d = Path(d)
-    recipe = read_recipe(d)
-    quantized = recipe.model.quantization != "none"
-    if base == "original" and quantized:
-        # model_copy skips validation: a qlora recipe without quantization would not validate.
-        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "none"})})
-    if base == "dequantized" and quantized:
-        built = build(recipe, apply_strategy=False)
-        model = built.model.dequantize(dtype=DTYPES[recipe.model.dtype])
-        built.model = built.strategy.apply(model, built.head)
-    else:
-        built = build(recipe)
-    _load_weights(built, d)
-    built.model.eval()
-    return built
 
 
 def is_peft(model) -> bool:
@@ -240,9 +172,9 @@ def _save_adapter(built, dest: Path) -> str:
         built.model.save_pretrained(dest)  # adapter_config.json + adapter_model.safetensors
         fmt = "peft"
     else:
-        save_safetensors(dest / "strategy.safetensors", built.strategy.state_dict(built.model))
+        save_safetensors(dest / WEIGHTS, built.strategy.state_dict(built.model))
         fmt = "peftkit"
-    atomic_write_text(dest / "recipe.yaml", dump_yaml(built.recipe))
+    atomic_write_text(dest / RECIPE, dump_yaml(built.recipe))
     return fmt
 
 
@@ -285,6 +217,7 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", verify: bo
     summary = {**meta, "out": str(out), "bytes": _dir_bytes(out), "files": sorted(p.name for p in out.iterdir())}
     if verify:
         summary["verify"] = _verify(run_dir, out, recipe, task, meta, batches, ref, dtype)
+    summary["model_card"] = write_card(out, run_dir, summary)  # README.md: a Hub model card
     return summary
 
 

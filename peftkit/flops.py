@@ -1,4 +1,5 @@
-"""Model FLOPs of training, counted per call: the numerator of MFU (``peftkit.measure.mfu``).
+"""Model FLOPs of training, counted per call, and MFU: those FLOPs per second over the
+device's measured matmul peak (``matmul_peak_flops``).
 
 Useful model FLOPs, PaLM-style: the matmuls a training step needs on the REAL tokens of the
 batch (padding is not useful work), whatever the strategy. Forward hooks on every matmul
@@ -29,10 +30,13 @@ really executes) except for causal attention, where that counts the masked half 
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert", "mpnet"}
+from . import arch
+from .measure import sync
 
 
 def _matmul_dims(m: nn.Module) -> tuple[int, int] | None:
@@ -51,13 +55,6 @@ def _attn_width(config) -> int:
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return heads * int(head_dim)
-
-
-def _config(model):
-    cfg = getattr(model, "config", None)
-    if cfg is None and hasattr(model, "get_base_model"):
-        cfg = model.get_base_model().config
-    return cfg
 
 
 class FlopCounter:
@@ -85,7 +82,7 @@ class FlopCounter:
             if _matmul_dims(m) is not None:
                 self._handles.append(m.register_forward_hook(self._linear))
         self._qkv: dict[int, dict[str, bool]] = {}
-        cfg = _config(model)
+        cfg = arch.config_of(model)
         if cfg is not None and not getattr(cfg, "is_encoder_decoder", False):
             self._hook_attention(model, cfg)
 
@@ -142,14 +139,15 @@ class FlopCounter:
             c["other"] += f * rows
 
     def _hook_attention(self, model, cfg):
-        """Self-attention modules found by type (peftkit.strategies.modules roles); q/k/v
-        output hooks tell which operands need gradients. Unknown architectures: per block."""
+        """Self-attention modules found by type (peftkit.arch roles); q/k/v output hooks tell
+        which operands need gradients. Unknown architectures: per block, causal as
+        ``arch.kind`` says, else as the block's attention module says (``is_causal``)."""
         from .errors import UserError
-        from .strategies.modules import find_blocks, role_linears
 
-        causal = cfg.model_type not in ENCODER_TYPES
+        kind = arch.kind(cfg)
+        causal = kind == "decoder"
         try:
-            roles = {r: role_linears(model, r) for r in ("query", "key", "value")}
+            roles = {r: arch.linears(model, r) for r in ("q", "k", "v")}
         except UserError:
             roles = {}
         parents = {id(p): p for found in roles.values() for _, p, _ in found}
@@ -163,11 +161,12 @@ class FlopCounter:
                                                                                   bool(c), False)))
             return
         try:
-            _, blocks = find_blocks(model)
+            _, blocks = arch.find_blocks(model)
         except UserError:
             return
         for block in blocks:
-            self._handles.append(block.register_forward_hook(self._attn_hook(block, _attn_width(cfg), causal, True),
+            c = causal if kind else any(getattr(m, "is_causal", False) is True for m in block.modules())
+            self._handles.append(block.register_forward_hook(self._attn_hook(block, _attn_width(cfg), c, True),
                                                              with_kwargs=True))
 
     def _qkv_hook(self, key: int, role: str):
@@ -178,8 +177,6 @@ class FlopCounter:
         return hook
 
     def _attn_hook(self, module, d: int, causal: bool, block: bool):
-        from .strategies.prefix import _SLOT
-
         def hook(mod, args, *rest):
             if not self._on:
                 return
@@ -190,11 +187,11 @@ class FlopCounter:
                 nq = nk = nv = g
             else:
                 flags = self._qkv.pop(id(mod), {})
-                nq, nk, nv = flags.get("query", False), flags.get("key", False), flags.get("value", False)
-            slot = getattr(mod, _SLOT, None)  # prefix tuning: trained keys/values before the real ones
+                nq, nk, nv = flags.get("q", False), flags.get("k", False), flags.get("v", False)
+            slot = getattr(mod, arch.PREFIX_SLOT, None)  # prefix tuning: trained keys/values before the real ones
             prefix = 0
             if slot is not None:
-                prefix, trains = slot.encoder.shape[3], slot.encoder.table_requires_grad()
+                prefix, trains = slot.tokens, slot.trains
                 nk, nv = nk or trains, nv or trains
             units = 2 + nq + nk + (nq or nk) + nv  # QKᵀ, AV forward; dQ, dK, dA, dV
             f = 2.0 * d * units
@@ -232,3 +229,27 @@ class FlopCounter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -- MFU ----------------------------------------------------------------------------------
+def mfu(flops_per_s: float | None, peak_flops_per_s: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOPs/s over the device's (measured) peak."""
+    if not flops_per_s or not peak_flops_per_s:
+        return None
+    return flops_per_s / peak_flops_per_s
+
+
+def matmul_peak_flops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, n: int = 8192, iters: int = 50,
+                      warmup: int = 5) -> float:
+    """Measured dense matmul throughput (FLOPs/s): the denominator of MFU on this machine."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=c)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        torch.matmul(a, b, out=c)
+    sync()
+    return 2.0 * n**3 * iters / (time.perf_counter() - t0)

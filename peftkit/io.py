@@ -16,7 +16,32 @@ class WriteError(UserError):
     """The file could not be written (disk full, read-only, ...); nothing half-written is left."""
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*"), reverse=True):  # files before the directories holding them
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(root)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """The one file writer: temporary file, fsync, rename, fsync of the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,6 +51,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException as e:
         try:
             os.unlink(tmp)
@@ -53,22 +79,28 @@ def save_safetensors(path: str | Path, tensors: dict) -> None:
 
 
 @contextmanager
-def atomic_dir(dest: str | Path):
+def atomic_dir(dest: str | Path, keep_existing: bool = False):
     """Yield a fresh temporary directory next to ``dest`` that becomes ``dest`` on success.
 
-    An existing ``dest`` (the caller decides whether that is allowed) is swapped out by
-    rename and removed afterwards; on an error the temporary directory is removed and
-    ``dest`` is left as it was.
+    Every file in it is fsync'ed before the rename, so a crash leaves the old ``dest`` or the
+    whole new one. An existing ``dest`` (the caller decides whether that is allowed) is
+    swapped out by rename and removed afterwards, or, with ``keep_existing``, kept and the
+    new copy dropped (another process made the same directory meanwhile). On an error the
+    temporary directory is removed and ``dest`` is left as it was.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    old = None
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
-        old = None
+        _fsync_tree(tmp)
+        if dest.exists() and keep_existing:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if dest.exists():
             old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
             os.replace(dest, old)
@@ -78,8 +110,14 @@ def atomic_dir(dest: str | Path):
             if old is not None:
                 os.replace(old, dest)
             raise
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def is_partial(name: str) -> bool:
+    """A leftover of an atomic write cut short by a kill (safe to delete)."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))

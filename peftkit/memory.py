@@ -1,19 +1,21 @@
-"""Exact memory accounting of a training run: weights, gradients, optimizer state, activations.
+"""Every byte of a training run: static accounting and the measured live peak of one step.
 
 Every count is in bytes of tensor storage, each storage counted once (tied weights, views and
-tensors saved twice share a storage). Works on any device; nothing is sampled.
+tensors saved twice share a storage). Works on real and fake tensors, on any device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections import defaultdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def _key(t: torch.Tensor) -> tuple:
-    s = t.untyped_storage()
-    return (t.device.type, t.device.index, s.data_ptr())
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # the StorageImpl: also distinct for fake tensors
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -32,176 +34,225 @@ def _quant_tensors(qs) -> list[torch.Tensor]:
     return out
 
 
-def weight_bytes(model: torch.nn.Module) -> dict:
-    """Parameter + buffer bytes by storage type; 4-bit weights at packed size plus quant state."""
-    seen: set = set()
-    by: dict[str, int] = defaultdict(int)
-
-    def add(label: str, t: torch.Tensor):
-        k = _key(t)
-        if k in seen or t.device.type == "meta":
-            return
-        seen.add(k)
-        by[label] += _nbytes(t)
-
+def weight_tensors(model: torch.nn.Module):
+    """(label, tensor) for every parameter, buffer and bitsandbytes quant-state tensor."""
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
         if qs is not None:
-            add(f"{qs.quant_type}(4bit packed)", p)
+            yield f"{qs.quant_type}(4bit packed)", p
             for t in _quant_tensors(qs):
-                add("quant_state", t)
+                yield "quant_state", t
         elif getattr(p, "SCB", None) is not None or p.dtype == torch.int8:
-            add("int8", p)
+            yield "int8", p
             if isinstance(getattr(p, "SCB", None), torch.Tensor):
-                add("quant_state", p.SCB)
+                yield "quant_state", p.SCB
         else:
-            add(str(p.dtype).removeprefix("torch."), p)
+            yield str(p.dtype).removeprefix("torch."), p
     for b in model.buffers():
-        add("buffers", b)
-    return {"by_type": dict(by), "total_bytes": sum(by.values())}
+        yield "buffers", b
 
 
-def grad_bytes(model: torch.nn.Module) -> dict:
+def _unique_bytes(pairs) -> dict[str, int]:
     seen: set = set()
-    total = n = 0
-    for p in model.parameters():
-        if p.grad is not None and _key(p.grad) not in seen:
-            seen.add(_key(p.grad))
-            total += _nbytes(p.grad)
-            n += 1
-    return {"tensors": n, "total_bytes": total}
+    by: dict[str, int] = defaultdict(int)
+    for label, t in pairs:
+        k = _key(t)
+        if k not in seen and t.device.type != "meta":
+            seen.add(k)
+            by[label] += _nbytes(t)
+    return dict(by)
+
+
+def weight_bytes(model: torch.nn.Module) -> dict:
+    """Parameter + buffer bytes by storage type; 4-bit weights at packed size plus quant state."""
+    by = _unique_bytes(weight_tensors(model))
+    return {"by_type": by, "total_bytes": sum(by.values())}
+
+
+def optimizer_tensors(opt):
+    opt = getattr(opt, "optimizer", opt)  # accelerate wraps it
+    for state in opt.state.values():
+        yield from (t for t in state.values() if isinstance(t, torch.Tensor))
 
 
 def optimizer_bytes(opt) -> dict:
-    """Bytes of the optimizer's actual state tensors, by state name (AdamW: exp_avg, exp_avg_sq, step)."""
-    opt = getattr(opt, "optimizer", opt)  # accelerate wraps it
-    seen: set = set()
-    by: dict[str, int] = defaultdict(int)
-    for state in opt.state.values():
-        for name, t in state.items():
-            if isinstance(t, torch.Tensor) and _key(t) not in seen:
-                seen.add(_key(t))
-                by[name] += _nbytes(t)
-    return {"by_state": dict(by), "total_bytes": sum(by.values())}
+    """Bytes of the optimizer's state tensors, by state name (AdamW: exp_avg, exp_avg_sq, step)."""
+    opt = getattr(opt, "optimizer", opt)
+    by = _unique_bytes((n, t) for st in opt.state.values() for n, t in st.items() if isinstance(t, torch.Tensor))
+    return {"by_state": by, "total_bytes": sum(by.values())}
 
 
-class SavedTensors:
-    """Bytes of tensors autograd saves for backward, per forward pass; keeps the largest pass.
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries")
 
-    Storages of parameters/buffers (and of their grads) are excluded: they are weights, not
-    activations. Autocast's low-precision weight copies are included: they are extra memory.
-    Use one instance around several forward+backward passes: ``with acc.pass_(shape): ...``.
+
+class LiveMemory(TorchDispatchMode):
+    """Bytes of live tensor storages while active: current, peak, and the split at the peak.
+
+    Every storage an operator returns is counted once (views and in-place results share it)
+    until its Python storage object is freed (a weakref callback), so this is the allocator's
+    view of tensors, not RSS. Works on real and fake tensors. What existed before is counted
+    only if registered (``track``): the trainer registers weights, gradients and optimizer
+    state. New storages are "activations" in forward and "temporaries" in backward or in an
+    optimizer step; a parameter's ``.grad`` is re-labelled "gradients" as it is accumulated.
+    ``round_to`` rounds each storage up (the CUDA caching allocator: 512 B).
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.exclude = {_key(t) for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "meta"}
-        self.peak_bytes = 0
-        self.peak_shape: tuple | None = None
-        self.peak_by_dtype: dict[str, int] = {}
-        self.peak_tensors = 0
-        self.passes = 0
-        self._cur: dict = {}
+    def __init__(self, round_to: int = 1):
+        super().__init__()
+        self.round_to = round_to
+        self._live: dict[int, list] = {}  # id(storage) -> [weakref, bytes, category]
+        self.by = dict.fromkeys(CATEGORIES, 0)
+        self.current = self.peak = 0
+        self.peak_by = dict(self.by)
+        self.in_optimizer = False
 
-    def _pack(self, t: torch.Tensor):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            try:
-                k = _key(t)
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
-                return t
-            if k not in self.exclude and k not in self._cur:
-                self._cur[k] = (_nbytes(t), str(t.dtype).removeprefix("torch."))
-        return t
+    def _size(self, st) -> int:
+        n, r = st.nbytes(), self.round_to
+        return -(-n // r) * r
 
-    def pass_(self, shape: tuple | None = None):
-        return _Pass(self, shape)
+    def track(self, t, category: str) -> None:
+        """Count ``t``'s storage under ``category`` (moving it there if already counted)."""
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # subclasses without storage
+            return
+        e = self._live.get(id(st))
+        if e is None:
+            k = id(st)
+            e = self._live[k] = [weakref.ref(st, lambda _r, k=k: self._free(k)), 0, category]
+        self._move(e, category, self._size(st))
 
-    def _close(self, shape):
-        self.passes += 1
-        total = sum(b for b, _ in self._cur.values())
-        if total > self.peak_bytes:
-            by: dict[str, int] = defaultdict(int)
-            for b, dt in self._cur.values():
-                by[dt] += b
-            self.peak_bytes, self.peak_shape = total, shape
-            self.peak_by_dtype, self.peak_tensors = dict(by), len(self._cur)
-        self._cur = {}
+    def _move(self, e: list, category: str, size: int) -> None:
+        self.by[e[2]] -= e[1]
+        self.current += size - e[1]
+        e[1], e[2] = size, category
+        self.by[category] += size
+        if self.current > self.peak:
+            self.peak, self.peak_by = self.current, dict(self.by)
 
-    def summary(self) -> dict:
-        return {"total_bytes": self.peak_bytes, "batch_shape": list(self.peak_shape) if self.peak_shape else None,
-                "by_dtype": self.peak_by_dtype, "tensors": self.peak_tensors, "passes": self.passes}
+    def _free(self, k: int) -> None:
+        e = self._live.pop(k, None)
+        if e is not None:
+            self.by[e[2]] -= e[1]
+            self.current -= e[1]
 
+    def _new_category(self) -> str:
+        busy = self.in_optimizer or torch._C._current_graph_task_id() != -1
+        return "temporaries" if busy else "activations"
 
-class _Pass:
-    def __init__(self, owner: SavedTensors, shape):
-        self.owner, self.shape = owner, shape
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(owner._pack, lambda t: t)
-
-    def __enter__(self):
-        self.owner._cur = {}
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-        self.owner._close(self.shape)
-
-
-class Accountant:
-    """What the trainer uses: saved tensors on every pass, grads/optimizer once after a step."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.saved = SavedTensors(model)
-        self.weights = weight_bytes(model)
-        self.grads: dict | None = None
-        self.optimizer: dict | None = None
-
-    def after_backward(self, model):
-        if self.grads is None:
-            g = grad_bytes(model)
-            if g["tensors"]:
-                self.grads = g
-
-    def after_step(self, model, opt):
-        if self.optimizer is None:
-            o = optimizer_bytes(opt)
-            if o["total_bytes"]:
-                self.optimizer = o
-                # After a step: bitsandbytes has cast 4-bit biases to the compute dtype by now.
-                self.weights = weight_bytes(model)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                try:
+                    st = t.untyped_storage()
+                except (RuntimeError, NotImplementedError, TypeError):
+                    continue
+                e = self._live.get(id(st))
+                if e is None:
+                    self.track(t, self._new_category())
+                elif e[1] != self._size(st):  # resized in place
+                    self._move(e, e[2], self._size(st))
+        return out
 
     def summary(self) -> dict:
-        comps = {
-            "weights": self.weights,
-            "gradients": self.grads or {"tensors": 0, "total_bytes": 0},
-            "optimizer": self.optimizer or {"by_state": {}, "total_bytes": 0},
-            "activations": self.saved.summary(),
-        }
-        return {"method": "exact: storages of parameters, .grad, optimizer.state, saved_tensors_hooks",
-                **comps, "total_bytes": sum(c["total_bytes"] for c in comps.values())}
+        return {"peak_bytes": self.peak, "at_peak": dict(self.peak_by), "current_bytes": self.current}
 
+
+def track_state(tracker: LiveMemory, model: torch.nn.Module, opt=None) -> list:
+    """Register what exists before a step; a hook re-labels each new ``.grad``. Returns handles."""
+    for _, t in weight_tensors(model):
+        tracker.track(t, "weights")
+    handles = []
+    for p in model.parameters():
+        if p.grad is not None:
+            tracker.track(p.grad, "gradients")
+        if p.requires_grad:
+            handles.append(p.register_post_accumulate_grad_hook(lambda q: tracker.track(q.grad, "gradients")))
+    if opt is not None:
+        inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
+        for t in optimizer_tensors(inner):
+            tracker.track(t, "optimizer")
+
+        def pre(*_):
+            tracker.in_optimizer = True
+
+        def post(*_):
+            tracker.in_optimizer = False
+            for t in optimizer_tensors(inner):
+                tracker.track(t, "optimizer")
+
+        handles += [inner.register_step_pre_hook(pre), inner.register_step_post_hook(post)]
+    return handles
+
+
+class StepPeak:
+    """Measure the live peak of ONE training step (the trainer's plug point); free otherwise.
+
+    ``with probe.around(step, model, opt): <forward, backward, optimizer step, zero_grad>``
+    tracks only when ``step == probe.at``; on CUDA it also resets and reads the allocator's
+    max_memory_allocated / max_memory_reserved over that step.
+    """
+
+    def __init__(self, at: int):
+        self.at = at
+        self.result: dict | None = None
+
+    @contextlib.contextmanager
+    def around(self, step: int, model, opt, shape: tuple | None = None):
+        if step != self.at:
+            yield
+            return
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        tracker = LiveMemory()
+        handles = track_state(tracker, model, opt)
+        start = tracker.current
+        try:
+            with tracker:
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+        self.result = {"method": "live tensor storages over one whole training step (TorchDispatchMode tracker)",
+                       "step": step, "batch_shape": list(shape) if shape else None,
+                       "start_bytes": start, **tracker.summary()}
+        if cuda:
+            torch.cuda.synchronize()
+            self.result["cuda"] = {"max_allocated_bytes": torch.cuda.max_memory_allocated(),
+                                   "max_reserved_bytes": torch.cuda.max_memory_reserved()}
 
 def batch_shape(batch: dict) -> tuple | None:
     t = batch.get("input_ids")
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
-def section(estimate: dict, accounting: dict, measured: dict) -> dict:
-    """result["memory"]: the three views and the estimate's relative errors.
+def rel_error(est: float | None, ref: float | None) -> float | None:
+    """(estimate - reference) / reference."""
+    if est is None or not ref:
+        return None
+    return (est - ref) / ref
 
-    On CPU the measured peak is RSS above the post-load baseline, so it is compared with the
-    estimate without weights; on CUDA max_memory_allocated includes weights.
+
+def section(estimate: dict, live: dict | None, measured: dict, at_measured: dict | None = None) -> dict:
+    """result["memory"]: the estimate, the measured live peak of one step, and the error.
+
+    ``peak_bytes`` is THE measured peak: the live-storage peak of one whole step after warm-up
+    (on CUDA: max_memory_allocated over that step). The error compares the estimate made at
+    the measured step's batch shape (``at_measured``; else the run's planning estimate).
     """
-    from .estimate import rel_error
-
-    est_total = estimate.get("total_bytes")
-    if measured.get("method") == "cuda":
-        vs_measured, basis = rel_error(est_total, measured.get("peak_bytes")), "total vs max_memory_allocated"
-    else:
-        vs_measured = rel_error(estimate.get("training_bytes"), measured.get("peak_bytes"))
-        basis = "training bytes (total - weights) vs peak RSS above the post-load baseline"
-    errors = {"estimate_vs_accounting": rel_error(est_total, accounting.get("total_bytes")),
-              "estimate_vs_measured": vs_measured, "measured_basis": basis}
-    for comp in ("weights", "gradients", "optimizer", "activations"):
-        errors[f"{comp}_vs_accounting"] = rel_error((estimate.get(comp) or {}).get("total_bytes"),
-                                                    (accounting.get(comp) or {}).get("total_bytes"))
-    return {"estimate": estimate, "accounting": accounting, "measured": measured, "errors": errors}
+    ref = at_measured if at_measured and "error" not in at_measured else estimate
+    live = live or {}
+    cuda = live.get("cuda") or {}
+    peak = cuda.get("max_allocated_bytes") or live.get("peak_bytes")
+    errors = {"estimate_vs_measured": rel_error(ref.get("peak_bytes"), peak),
+              "basis": "estimate at the measured step's shape vs " + (
+                  "max_memory_allocated over that step" if cuda else "live tensor peak over that step")}
+    for cat in CATEGORIES:
+        errors[f"{cat}_at_peak"] = rel_error((ref.get("at_peak") or {}).get(cat), (live.get("at_peak") or {}).get(cat))
+    out = {"estimate": estimate, "measured": {**measured, "live": live or None}, "peak_bytes": peak, "errors": errors}
+    if at_measured is not None:
+        out["estimate_at_measured_shape"] = at_measured
+    return out

@@ -5,9 +5,11 @@
 A directory with ``recipe.yaml`` (a run, or an ``--adapter-only`` / non-mergeable export)
 is rebuilt by peftkit; any other directory with a ``config.json`` is loaded with
 transformers alone, its task kind taken from ``peftkit.json`` (with the task's settings:
-prompt template, chat template, lengths) or else from the model class. One function per
-task kind in ``PREDICT``; each input is a text, or:
+prompt template, chat template, lengths) or else from the model class. The task's own
+``predict`` (``peftkit/tasks/<kind>.py``) does the work; each input is a text, or:
 
+* classification with ``text_pair_column``: ``[text, pair]`` or an object of both columns
+  -> ``{"label", "score"}``;
 * token_classification: a list of words (a text is split on whitespace) ->
   ``{"words", "tags", "entities": [{"type", "words", "start", "end", "score"}]}``, entities
   grouped from the BIO tags by seqeval, ``end`` exclusive, ``score`` the mean probability of
@@ -23,10 +25,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from . import tasks
 from .errors import UserError
+from .rundir import RECIPE, load_trained
+from .tasks.generation import GenerationTask
 
 # transformers model class suffix -> task kind, for directories peftkit did not write.
 KIND_BY_CLASS = {
@@ -40,8 +42,7 @@ KIND_BY_CLASS = {
 
 class Predictor:
     def __init__(self, model, tokenizer, kind: str, max_length: int | None = None, task: tasks.Task | None = None):
-        if kind not in PREDICT:
-            raise UserError(f"predict: task kind '{kind}' is not supported (supported: {', '.join(PREDICT)})")
+        _supported(kind)
         self.model, self.tokenizer, self.kind, self.max_length = model.eval(), tokenizer, kind, max_length
         # The task as trained (prompt building, generation settings); defaults when unknown.
         self.task = task or tasks.get(tasks.REGISTRY[kind].Config(), tokenizer)
@@ -51,9 +52,7 @@ class Predictor:
         p = Path(path)
         if not p.is_dir():
             raise UserError(f"{p}: model directory not found")
-        if (p / "recipe.yaml").is_file():
-            from .export import load_trained
-
+        if (p / RECIPE).is_file():
             b = load_trained(p)
             kind, max_length = b.recipe.task.kind, getattr(b.recipe.task, "max_length", None)
             return cls(_to(b.model, device), b.tokenizer, kind, max_length, b.task)
@@ -73,8 +72,7 @@ class Predictor:
         tokenizer = transformers.AutoTokenizer.from_pretrained(p)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # as backbone.load_tokenizer: decoders ship without one
-        if kind not in PREDICT:
-            raise UserError(f"predict: task kind '{kind}' is not supported (supported: {', '.join(PREDICT)})")
+        _supported(kind)
         try:
             cfg = tasks.REGISTRY[kind].Config.model_validate(meta.get("task_config") or {"kind": kind})
         except ValueError as e:
@@ -87,19 +85,16 @@ class Predictor:
             inputs = [inputs]
         opts = {}
         if max_new_tokens is not None:
-            if self.kind not in GENERATION or max_new_tokens < 1:
-                raise UserError(f"predict: max_new_tokens applies to {' and '.join(GENERATION)} and must be >= 1 "
+            if not isinstance(self.task, GenerationTask) or max_new_tokens < 1:
+                raise UserError(f"predict: max_new_tokens applies to causal_lm and seq2seq and must be >= 1 "
                                 f"(task {self.kind}, got {max_new_tokens})")
             opts["max_new_tokens"] = max_new_tokens
-        return PREDICT[self.kind](self, list(inputs), batch_size, **opts)
+        return self.task.predict(self.model, list(inputs), batch_size, self.max_length, **opts)
 
-    def encode(self, texts: list[str]) -> dict:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return self.to_device(enc)
 
-    def to_device(self, batch: dict) -> dict:
-        dev = next(self.model.parameters()).device
-        return {k: v.to(dev) for k, v in batch.items()}
+def _supported(kind: str) -> None:
+    if kind not in tasks.REGISTRY:
+        raise UserError(f"predict: task kind '{kind}' is not supported (supported: {', '.join(tasks.REGISTRY)})")
 
 
 def _to(model, device):
@@ -107,91 +102,3 @@ def _to(model, device):
     if device is None or getattr(model, "hf_device_map", None) or getattr(model, "is_loaded_in_4bit", False):
         return model
     return model.to(device)
-
-
-def _batches(items: list, n: int):
-    for k in range(0, len(items), n):
-        yield items[k : k + n]
-
-
-@torch.no_grad()
-def classify(pred: Predictor, texts: list[str], batch_size: int) -> list[dict]:
-    id2label = pred.model.config.id2label
-    out = []
-    for chunk in _batches(texts, batch_size):
-        probs = pred.model(**pred.encode(chunk)).logits.float().softmax(-1)
-        score, idx = probs.max(-1)
-        out += [{"label": id2label[int(i)], "score": float(s)} for s, i in zip(score, idx)]
-    return out
-
-
-def _words(x) -> list[str]:
-    if isinstance(x, str):
-        return x.split()
-    if isinstance(x, (list, tuple)) and all(isinstance(w, str) for w in x):
-        return list(x)
-    raise UserError(f"predict: token_classification takes a text or a list of words, not {type(x).__name__}")
-
-
-@torch.no_grad()
-def tag(pred: Predictor, inputs: list, batch_size: int) -> list[dict]:
-    from seqeval.metrics.sequence_labeling import get_entities
-
-    from .tasks.token_classification import first_subwords
-
-    id2label = pred.model.config.id2label
-    out = []
-    for chunk in _batches([_words(x) for x in inputs], batch_size):
-        # An empty input still gets a row (special tokens only) so rows and inputs stay aligned.
-        enc = pred.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=pred.max_length,
-                             padding=True, return_tensors="pt")
-        probs = pred.model(**pred.to_device(dict(enc))).logits.float().softmax(-1)  # [B, T, labels]
-        score, idx = (t.tolist() for t in probs.max(-1))
-        for i, words in enumerate(chunk):
-            tags, scores = ["O"] * len(words), [0.0] * len(words)
-            firsts = first_subwords(enc.word_ids(i))
-            for j, w in firsts:
-                tags[w], scores[w] = id2label[idx[i][j]], score[i][j]
-            ents = [{"type": typ, "words": words[a : b + 1], "start": a, "end": b + 1,
-                     "score": sum(scores[a : b + 1]) / (b + 1 - a)} for typ, a, b in get_entities(tags)]
-            row = {"words": words, "tags": tags, "entities": ents}
-            seen = firsts[-1][1] + 1 if firsts else 0
-            if seen < len(words):
-                row["truncated_words"] = len(words) - seen
-            out.append(row)
-    return out
-
-
-def _prompt(task, x) -> str:
-    from .tasks.generation import placeholders
-
-    cols = placeholders(task.cfg.prompt)
-    if isinstance(x, str):
-        if len(cols) != 1:
-            raise UserError(f"predict: the prompt template {task.cfg.prompt!r} has {len(cols)} placeholders; "
-                            "give each input as a JSON object of its columns (--json-input)")
-        x = {cols[0]: x}
-    if not isinstance(x, dict):
-        raise UserError(f"predict: {task.kind} takes a text or an object of the template's columns, "
-                        f"not {type(x).__name__}")
-    missing = [c for c in cols if c not in x]
-    if missing:
-        raise UserError(f"predict: input {json.dumps(x)[:80]} lacks column(s) {', '.join(missing)} "
-                        f"of the prompt template {task.cfg.prompt!r}")
-    return task.prompt_text(x)
-
-
-@torch.no_grad()
-def generate(pred: Predictor, inputs: list, batch_size: int, max_new_tokens: int | None = None) -> list[dict]:
-    task = pred.task
-    if max_new_tokens is not None:
-        task = tasks.get(task.cfg.model_copy(update={"max_new_tokens": max_new_tokens}), pred.tokenizer)
-    out = []
-    for chunk in _batches([_prompt(task, x) for x in inputs], batch_size):
-        batch = pred.to_device(task.prompt_batch(chunk))  # the prompts exactly as evaluation builds them
-        out += [{"text": t} for t in task.generate(pred.model, **batch)]
-    return out
-
-
-GENERATION = ("causal_lm", "seq2seq")
-PREDICT = {"classification": classify, "token_classification": tag, "causal_lm": generate, "seq2seq": generate}

@@ -48,7 +48,8 @@ class TrainConfig(Section):
     # autocast for the forward/backward; auto: bf16 where native, fp16 on CUDA without, else fp32 (hardware.py)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # fused: one kernel per parameter; on CPU ~3.7x faster per step than foreach (MiniLM, full).
-    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused"] = "adamw_fused"
+    # adamw8bit / paged_adamw8bit: bitsandbytes' blockwise 8-bit state (paged: CUDA unified memory).
+    optimizer: Literal["adamw", "adamw_foreach", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw_fused"
     group_by_length: bool = True
     eval_every: int | None = Field(None, ge=1)  # steps; None = only at the end
     eval_split: Literal["validation", "test"] = "test"  # split reported in metrics.eval
@@ -66,7 +67,17 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs/{task}-{strategy}"
     save_weights: bool = True
-    tensorboard: bool = True  # TensorBoard events in RUN_DIR/tb when tensorboard is installed
+    # Experiment trackers (accelerate's names); None: [tensorboard] when it is installed, else [].
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab", "trackio"]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError("output.tensorboard was replaced by output.report_to "
+                             "(e.g. report_to: [tensorboard], or [] for no tracker)")
+        return data
 
 
 def _union(configs: list[type], tag: str):

@@ -18,18 +18,21 @@ BASELINE = "full"
 
 def primary(res: dict) -> tuple[str, float | None]:
     """The task's primary metric name and value of one result."""
-    from . import tasks
+    metrics = res.get("metrics") or {}
+    # As the run recorded it: a generation task's depends on its task.metric, not on its class.
+    name = metrics.get("primary_metric") or (res.get("task") or {}).get("primary_metric")
+    if name is None:  # a result without it
+        from . import tasks
 
-    kind = res.get("run", {}).get("task")
-    name = getattr(tasks.REGISTRY.get(kind), "primary_metric", None) or "accuracy"
-    return name, (res.get("metrics", {}).get("eval") or {}).get(name)
+        name = getattr(tasks.REGISTRY.get((res.get("run") or {}).get("task")), "primary_metric", "accuracy")
+    return name, (metrics.get("eval") or {}).get(name)
 
 
 def _row(res: dict, variant: str, seed) -> dict:
     mem, speed = res.get("memory", {}), res.get("speed", {})
     measured = mem.get("measured", {})
-    acc_total = (mem.get("accounting") or {}).get("total_bytes")
-    est = mem.get("estimate") or {}
+    acc_total = (mem.get("accounting") or {}).get("total_bytes")  # results written before the live peak
+    est = mem.get("estimate_at_measured_shape") or mem.get("estimate") or {}
     name, value = primary(res)
     cuda = measured.get("method") == "cuda"
     return {
@@ -38,14 +41,13 @@ def _row(res: dict, variant: str, seed) -> dict:
         "trainable_pct": res["params"]["trainable_pct"],
         "artifact_bytes": (res.get("artifact") or {}).get("strategy_bytes"),
         "accounted_bytes": acc_total,
-        "estimate_bytes": est.get("total_bytes"),
-        "estimate_error": (mem.get("errors") or {}).get("estimate_vs_accounting"),
+        "estimate_bytes": est.get("peak_bytes", est.get("total_bytes")),
+        "estimate_error": (mem.get("errors") or {}).get("estimate_vs_measured"),
         "estimate_vs_measured": (mem.get("errors") or {}).get("estimate_vs_measured"),
         "measured_bytes": measured.get("peak_bytes"),
         "measured_method": measured.get("method"),
-        # The memory axis: CUDA max_memory_allocated, or on CPU the exact accounted total
-        # (peak RSS above the post-load baseline leaves the weights out).
-        "peak_bytes": measured.get("peak_bytes") if cuda else acc_total,
+        # The memory axis: the measured live peak of one whole step (memory.section), else older keys.
+        "peak_bytes": mem.get("peak_bytes") or (measured.get("peak_bytes") if cuda else acc_total),
         "tokens_per_s": speed.get("train_tokens_per_s"),
         "samples_per_s": speed.get("train_samples_per_s"),
         "step_time_s": speed.get("step_time_median_s"),
@@ -65,6 +67,13 @@ def precision_used(rows: list[dict], planned: dict | None = None) -> str | None:
         return "mixed: " + ", ".join(f"{r['variant']} {r['precision']['resolved']}" for r in ran)
     rec = planned or (ran[0]["precision"] if ran else None)
     return f"{rec['resolved']} (requested {rec['requested']}: {rec['reason']})" if rec else None
+
+
+def _planned_precision(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "compare.json").read_text()).get("precision")
+    except (OSError, ValueError):
+        return None
 
 
 def collect(out: Path) -> tuple[list[dict], list[dict], list[str]]:
@@ -88,13 +97,6 @@ def collect(out: Path) -> tuple[list[dict], list[dict], list[str]]:
     seen = order + sorted({r["variant"] for r in rows + failed} - set(order),
                           key=lambda v: (v != BASELINE, v))
     return rows, failed, [v for v in seen if any(r["variant"] == v for r in rows + failed)]
-
-
-def _planned_precision(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "compare.json").read_text()).get("precision")
-    except (OSError, ValueError):
-        return None
 
 
 def _mean(xs):
@@ -183,10 +185,11 @@ def markdown(aggs: list[dict], failed: list[dict], title: str, precision: str | 
                   "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(cells(a)) + " |" for a in aggs]
         lines += ["",
-                  "- **Peak memory**: " + ("exact bytes of weights + gradients + optimizer state + the largest set of "
-                                           "tensors saved for backward (CPU)." if cpu else
-                                           "`torch.cuda.max_memory_allocated` during training."),
-                  "- **Estimate**: predicted before loading weights (`peftkit estimate`); error vs the accounted total.",
+                  "- **Peak memory**: measured peak of live tensor memory over one whole training step after "
+                  "warm-up (forward, backward, optimizer step), " + ("every tensor storage tracked (CPU)." if cpu else
+                                                                    "`torch.cuda.max_memory_allocated`."),
+                  "- **Estimate**: the same step traced on fake tensors before loading weights (`peftkit estimate`), "
+                  "at the measured step's batch shape; error vs the measured peak.",
                   "- **Measured**: " + ("peak RSS of the training process above its level after loading the model "
                                         "(weights excluded; includes allocator and backward temporaries)." if cpu else
                                         "max_memory_allocated."),
@@ -285,10 +288,13 @@ def report(out: str | Path, echo=print) -> dict:
             "variants": aggs, "runs": rows, "failed": failed, "precision": precision_used(rows, _planned_precision(out))}
     atomic_write_json(out / "report.json", data)
     cpu = bool(aggs) and aggs[0]["measured_method"] != "cuda"
-    mem_label = "peak memory (MiB, accounted)" if cpu else "peak memory (MiB, max allocated)"
+    mem_label = "peak memory (MiB, measured live peak)" if cpu else "peak memory (MiB, max allocated)"
     plot(aggs, "peak_bytes", mem_label, out / "accuracy_vs_memory.png", True, 2**20)
     plot(aggs, "tokens_per_s", "throughput (training tokens/s)", out / "accuracy_vs_speed.png", False)
     atomic_write_text(out / "report.md", markdown(aggs, failed, title, data["precision"]))
+    from .report_html import write as write_html  # report.html: same data, one self-contained page
+
+    write_html(out, data)
     print_table(aggs, failed, title, echo)
     echo(f"report: {out / 'report.md'}")
     return data

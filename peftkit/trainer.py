@@ -6,24 +6,31 @@ that is what makes the numbers of a comparison comparable.
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import distributed as dist
 from . import flops, hardware, measure, memory, packing
+from . import result as R
 from .build import Built
-from .checkpoint import Checkpointer, warn
+from .optim import make_optimizer
+from .checkpoint import Checkpointer
 from .errors import UserError
+from .io import atomic_write_json, save_safetensors
+from .log import Progress, RunLog, warn
 from .nonfinite import NonFiniteGuard
-from .io import atomic_write_json, atomic_write_text, save_safetensors
+from .state import TrainState
+from .progress import live_stats
 from .strategies import count_params
+from .tracking import Tracking
 
-SCHEMA = "peftkit.result/1"
+SCHEMA = R.SCHEMA
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:
@@ -56,14 +63,29 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     return [idx[k : k + batch_size] for k in range(0, n, batch_size)]
 
 
-def make_optimizer(model, tc):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = {"foreach": True} if tc.optimizer == "adamw_foreach" else {"fused": True} if tc.optimizer == "adamw_fused" else {"foreach": False}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, **kw)
+@dataclass
+class Run:
+    """Everything one ``fit`` works with, made by ``Trainer._setup``."""
+
+    built: Built
+    acc: object
+    data: dict
+    train: object  # the train split
+    total: int  # optimizer steps of this run
+    model: torch.nn.Module  # prepared (wrapped) model
+    opt: object
+    sched: object
+    ck: Checkpointer
+    guard: NonFiniteGuard
+    timer: measure.StepTimer
+    counter: object  # FLOP counter or None
+    probe: memory.StepPeak  # live memory peak of one step after warm-up
+    estimate: dict
+    params: tuple[int, int]  # (trainable, total), before FSDP/ZeRO shard them
+    state: TrainState = field(default_factory=TrainState)
+    resumed_from: int | None = None
+    times: dict = field(default_factory=dict)  # load_s, data_s, estimate_s, train_s, eval_s
+    t_start: float = 0.0  # before the data was read (wall_s counts from here, plus loading)
 
 
 class Trainer:
@@ -72,24 +94,26 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.b = built
+        self.model = built.model  # the unwrapped model (trained in place by fit)
         self.tc = built.recipe.train
         self.run_dir = Path(run_dir)
         self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
         self.precision = hardware.for_run(built.recipe, warn)  # auto -> bf16/fp16/fp32 for this machine
         self.tc = self.tc.model_copy(update={"precision": self.precision.resolved})
+        self.track = Tracking(built.recipe, self.run_dir)  # experiment trackers (output.report_to)
         self.acc = Accelerator(
+            **self.track.accelerator_kwargs(),
             mixed_precision=self.precision.mixed_precision,
             gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
             cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
             dataloader_config=dist.dataloader_config(),
         )
+        self.acc.print(f"[peftkit] {self.precision.line()}")
         set_seed(self.tc.seed)
         dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
-        self.acc.print(f"[peftkit] {self.precision.line()}")
         if note := dist.requested_but_not_used(self.acc):
             self.acc.print(f"[peftkit] note: {note}")
-        self.log_f = None
-        self.tb = None
+        self.log = RunLog(None)
 
     # -- data -----------------------------------------------------------------------------
     def _loader(self, ds, batches, collate=None):
@@ -106,21 +130,22 @@ class Trainer:
             return length_grouped_batches(list(ds["length"]), self.tc.batch_size, seed)
         return shuffled_batches(len(ds), self.tc.batch_size, seed)
 
+    def epoch_batches(self, ds, epoch: int) -> tuple[list[list[int]], list[list[int]]]:
+        """(global batches trained in ``epoch``, this rank's share of each); never empty."""
+        world = self.acc.num_processes
+        kept, local = dist.train_shards(self.train_batches(ds, epoch), self.acc.process_index, world)
+        if not kept:
+            why = (f"fewer than the {world} processes, so every global batch would be dropped; "
+                   "use fewer processes or more data" if len(ds) < world else "no batch to train on")
+            raise UserError(f"task.data: the train split has {len(ds)} example(s): {why}")
+        return kept, local
+
     def eval_batches(self, ds) -> list[list[int]]:
         # Sorted by length: eval order does not change metrics, and padding costs time.
         lengths = list(ds["length"])
         order = sorted(range(len(ds)), key=lengths.__getitem__)
         bs = self.tc.batch_size * 2
         return [order[k : k + bs] for k in range(0, len(order), bs)]
-
-    # -- logging --------------------------------------------------------------------------
-    def log(self, **rec):
-        if self.acc.is_main_process and self.log_f is not None:
-            self.log_f.write(json.dumps(rec) + "\n")
-            self.log_f.flush()
-            if self.tb is not None:
-                for k, v in _scalars(rec):
-                    self.tb.add_scalar(k, v, rec["step"])
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, model, ds) -> dict:
@@ -147,215 +172,203 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------
     def fit(self) -> dict:
-        b, tc = self.b, self.tc
+        run = self._setup()
+        st, t_train = run.state, time.perf_counter()
+        progress = Progress(run.total, enabled=self.tc.progress and self.acc.is_main_process)
+        with measure.PeakRSS() as rss, progress as bar, run.ck.signals:
+            while st.step < run.total:
+                batches, sizes = self._epoch(run)
+                for n in sizes:
+                    self._step(run, batches, n)
+                    self._after_step(run, bar)
+                    if st.step >= run.total:
+                        break
+                else:
+                    next(batches, None)  # the loader's end: accelerate forgets it
+                st.next_epoch()
+        run.times["train_s"] = time.perf_counter() - t_train
+        return self._finish(run, rss)
+
+    def _setup(self) -> Run:
+        """Data, the run directory (resume or not), the log, then model, optimizer and meters."""
+        b, tc, acc = self.b, self.tc, self.acc
         t_start = time.perf_counter()
         data = b.task.datasets()
         data_s = time.perf_counter() - t_start
-        if n := b.task.info().get("truncated_examples"):
-            warn(f"{n} example(s) longer than task.max_length={b.recipe.task.max_length} tokens were truncated")
-        ck = Checkpointer(self.acc, self.run_dir, b.recipe, self.resume)
+        for note in b.task.notes():  # truncation, skipped bad rows
+            warn(note)
+        ck = Checkpointer(acc, self.run_dir, b.recipe, self.resume)
         resumed = ck.begin()
-        if self.acc.is_main_process:
+        if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.log_f = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
-            self.tb = _tensorboard(self.run_dir / "tb") if b.recipe.output.tensorboard else None
+            self.track.start(acc)
+            self.log = RunLog(self.run_dir / "log.jsonl", self.track)
         train = data["train"]
         steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
         total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(steps_per_epoch * tc.epochs))
-        model = b.model
-        trainable, total_params = count_params(model)  # before FSDP/ZeRO shard the parameters
-        opt = make_optimizer(model, tc)
+        run = self._prepare(data, total, ck)
+        run.t_start, run.times = t_start, {"load_s": b.load_s, "data_s": data_s, **run.times}
+        if resumed is not None:  # after prepare: RNG, optimizer and scheduler as they were at that step
+            ck.restore(run.state)
+            run.guard.skips, run.resumed_from = run.state.nonfinite_skips, resumed.step
+            self.log(event="resumed", step=run.state.step, checkpoint=resumed.path.name)
+        run.probe.at = min(total, run.state.step + 2)  # measure one step after warm-up
+        run.model.train()
+        return run
+
+    def _prepare(self, data: dict, total: int, ck: Checkpointer) -> Run:
+        b, tc, acc = self.b, self.tc, self.acc
+        params = count_params(self.model)  # before FSDP/ZeRO shard the parameters
+        opt = make_optimizer(self.model, tc)
         from transformers import get_scheduler
 
         sched = get_scheduler(tc.scheduler, opt, num_warmup_steps=int(tc.warmup_ratio * total), num_training_steps=total)
-        dist.prepare_deepspeed(self.acc, tc)
-        model, opt, sched = self.acc.prepare(model, opt, sched)
+        dist.prepare_deepspeed(acc, tc)
+        model, opt, sched = acc.prepare(self.model, opt, sched)
         if tc.compile:
             model = torch.compile(model)
         t_est = time.perf_counter()
-        est = self._estimate(train, total)
+        est = self._estimate(data["train"], total)
         estimate_s = time.perf_counter() - t_est
-        acct = memory.Accountant(model)
-        self.acc.print(f"[peftkit] {b.strategy.name}: trainable {trainable:,} / {total_params:,} params "
-                       f"({100 * trainable / total_params:.2f}%)")
-
-        timer = measure.StepTimer(warmup=min(3, max(0, total // 5)))
-        counter = _flop_counter(self.acc.unwrap_model(model)) if not tc.compile else None
+        acc.print(f"[peftkit] {b.strategy.name}: trainable {params[0]:,} / {params[1]:,} params "
+                  f"({100 * params[0] / params[1]:.2f}%)")
+        counter = _flop_counter(acc.unwrap_model(model)) if not tc.compile else None
         measure.cuda_reset()
-        guard = NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, self.acc.scaler, warn)
-        losses: list[float] = []
-        history = []
-        step, epoch, skip, t_train = 0, 0, 0, time.perf_counter()
-        if resumed is not None:  # after prepare: RNG, optimizer and scheduler as they were at that step
-            st = ck.restore(model, b.strategy, opt, sched)
-            step, epoch, skip, losses, history, guard.skips = (
-                st["step"], st["epoch"], st["batches"], st["losses"], st["history"], st["nonfinite_skips"])
-            self.log(event="resumed", step=step, checkpoint=resumed.path.name)
-        model.train()
-        progress = _progress(total, enabled=tc.progress and self.acc.is_main_process)
-        with measure.PeakRSS() as rss, progress as bar, ck.signals:
-            while step < total:
-                rank, world = self.acc.process_index, self.acc.num_processes
-                global_batches, local = dist.train_shards(self.train_batches(train, epoch), rank, world)
-                if skip >= len(local):  # resumed exactly at the end of an epoch
-                    epoch, skip = epoch + 1, 0
-                    continue
-                # A resume skips the batches this epoch already used (the data position).
-                global_batches, local, consumed, skip = global_batches[skip:], local[skip:], skip, 0
-                weights = iter([dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)])
-                collate = packing.PaddingFree() if tc.padding_free else None
-                it = iter(dist.device_loader(self._loader(train, local, collate), self.acc.device))
-                while step < total:
-                    micro = []
-                    for _ in range(tc.grad_accum):
-                        try:
-                            micro.append(next(it))
-                        except StopIteration:
-                            break
-                    if not micro:
-                        break
-                    consumed += len(micro)
-                    counts = [packing.batch_counts(x) for x in micro]
-                    n_samples, n_tokens = dist.reduce_sum(self.acc, [sum(c[0] for c in counts),
-                                                                     sum(c[1] for c in counts)])
-                    # Sync (and step) on the group's last micro-batch, also for a short group at an
-                    # epoch's end; scaled so the gradient is the group's mean.
-                    self.acc.step = tc.grad_accum - len(micro)
-                    group_scale = tc.grad_accum / len(micro)
-                    with timer.step(n_samples, n_tokens):
-                        loss_sum, ok = 0.0, True
-                        for batch in micro:
-                            with self.acc.accumulate(model):
-                                with acct.saved.pass_(memory.batch_shape(batch)):
-                                    loss = model(**batch).loss
-                                w = next(weights)
-                                s = w * group_scale
-                                self.acc.backward(loss if s == 1.0 else loss * s)
-                                acct.after_backward(model)
-                                loss_sum += loss.detach().float().item() * w
-                                if self.acc.sync_gradients:
-                                    norm = (self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                                            if tc.max_grad_norm else None)
-                                    ok = guard.step_ok(loss_sum, norm, model, step + 1)
-                                if ok:
-                                    opt.step()
-                                    acct.after_step(model, opt)
-                                    sched.step()
-                                opt.zero_grad(set_to_none=True)
-                    if counter is not None:
-                        timer.add_flops(counter.take())
-                    step += 1
-                    loss_sum = dist.reduce_sum(self.acc, [loss_sum])[0] / self.acc.num_processes
-                    if ok:
-                        losses.append(loss_sum / len(micro))
-                    else:
-                        self.log(step=step, epoch=epoch, nonfinite_skipped=guard.skips)
-                    if step % tc.log_every == 0 or step == total:
-                        window = losses[-tc.log_every:] or [float("nan")]
-                        self.log(step=step, epoch=epoch, loss=sum(window) / len(window), lr=sched.get_last_lr()[0])
-                    bar.update(step, losses[-1] if losses else float("nan"), timer)
-                    if tc.eval_every and step % tc.eval_every == 0 and step < total:
-                        m = self.evaluate(model, data["validation"])
-                        history.append({"step": step, **m})
-                        self.log(step=step, eval=m)
-                    ck.step_end(step, model, b.strategy, opt, sched, self.log_f, dict(
-                        step=step, epoch=epoch, batches=consumed, losses=losses, history=history,
-                        nonfinite_skips=guard.skips))
-                epoch += 1
-        train_s = time.perf_counter() - t_train
-        if counter is not None:
-            counter.close()
-            timer.flops = dist.reduce_sum(self.acc, [timer.flops])[0]
-        final = self.evaluate(model, data[tc.eval_split])
-        self.log(step=step, eval_final=final)
-        sd = dist.strategy_state_dict(self.acc, model, b.strategy) if b.recipe.output.save_weights else None
-        model = self.acc.unwrap_model(model)
-        split = {"load_s": b.load_s, "data_s": data_s, "estimate_s": estimate_s, "train_s": train_s,
-                 "eval_s": final.get("eval_s")}
-        result = self._result(model, trainable, total_params, timer, rss, losses, final, history, split,
-                              b.load_s + time.perf_counter() - t_start, len(train), step, epoch)
-        result["memory"] = memory.section(est, acct.summary(), result["memory"]["measured"])
-        # Speed numbers cover what this process trained (after a resume: the resumed part).
-        result["speed"]["resumed_from_step"] = resumed.step if resumed is not None else None
-        result["metrics"]["nonfinite_skipped_steps"] = guard.skips
+        ck.attach(model, b.strategy, opt, sched, self.log)
+        return Run(built=b, acc=acc, data=data, train=data["train"], total=total, model=model, opt=opt,
+                   sched=sched, ck=ck, guard=NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, acc.scaler, warn),
+                   timer=measure.StepTimer(warmup=min(3, max(0, total // 5))), counter=counter,
+                   probe=memory.StepPeak(at=0), estimate=est, params=params,
+                   times={"estimate_s": estimate_s})
+
+    def _epoch(self, run: Run):
+        """(iterator of (micro-batch, loss weight) from the data position on, sizes of its steps)."""
+        st, tc = run.state, self.tc
+        global_batches, local = self.epoch_batches(run.train, st.epoch)
+        # A resume skips the batches this epoch already used (the data position).
+        global_batches, local = global_batches[st.position:], local[st.position:]
+        world = self.acc.num_processes
+        weights = [dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)]
+        collate = packing.PaddingFree() if tc.padding_free else None
+        loader = dist.device_loader(self._loader(run.train, local, collate), self.acc.device) if local else []
+        n = len(local)
+        # The last step of an epoch takes what is left (a short group; accelerate syncs at the loader's end).
+        sizes = [min(tc.grad_accum, n - k) for k in range(0, n, tc.grad_accum)]
+        return zip(loader, weights), sizes
+
+    def _step(self, run: Run, batches, n: int) -> None:
+        """One optimizer step over the next ``n`` micro-batches (fetched one at a time, so
+        accelerate's ``sync_gradients`` is true on the last: the end of the group or of the loader)."""
+        st, acc, model = run.state, self.acc, run.model
+        group_scale = self.tc.grad_accum / n  # the gradient is the group's mean, also for a short group
+        loss_sum, samples, tokens, ok = 0.0, 0, 0, True
+        first = next(batches)
+        with run.timer.step(), self.measure_step(run, memory.batch_shape(first[0])):
+            for i, (batch, w) in enumerate(itertools.chain([first], itertools.islice(batches, n - 1))):
+                with acc.accumulate(model):
+                    loss = model(**batch).loss
+                    s = w * group_scale
+                    acc.backward(loss if s == 1.0 else loss * s)
+                    loss_sum += loss.detach().float().item() * w
+                    c = packing.batch_counts(batch)
+                    samples, tokens = samples + c[0], tokens + c[1]
+                    if acc.sync_gradients != (i == n - 1):
+                        raise RuntimeError(f"internal: accelerate syncs at micro-batch {i + 1} of {n}")
+                    if acc.sync_gradients:
+                        ok = self._optimizer_step(run, loss_sum)
+        run.timer.add_counts(*map(int, dist.reduce_sum(acc, [samples, tokens])))
+        if run.counter is not None:
+            run.timer.add_flops(run.counter.take())
+        st.step, st.position = st.step + 1, st.position + n
+        loss_sum = dist.reduce_sum(acc, [loss_sum])[0] / acc.num_processes
+        if ok:
+            st.losses.append(loss_sum / n)
+        else:
+            self.log(step=st.step, epoch=st.epoch, nonfinite_skipped=run.guard.skips)
+        st.nonfinite_skips = run.guard.skips
+
+    def _optimizer_step(self, run: Run, loss_sum: float) -> bool:
+        """Clip, check for NaN/Inf, step optimizer and scheduler; False if the step was skipped."""
+        tc, model = self.tc, run.model
+        norm = self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+        ok = run.guard.step_ok(loss_sum, norm, model, run.state.step + 1)
+        if ok:
+            run.opt.step()
+            run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        return ok
+
+    def measure_step(self, run: Run, shape):
+        """Around one whole optimizer step (forward, backward, step): the live memory peak."""
+        return run.probe.around(run.state.step + 1, run.model, run.opt, shape)
+
+    def _after_step(self, run: Run, bar) -> None:
+        """Log, evaluate and checkpoint when due."""
+        st, tc = run.state, self.tc
+        if st.step % tc.log_every == 0 or st.step == run.total:
+            window = st.losses[-tc.log_every:] or [float("nan")]
+            self.log(step=st.step, epoch=st.epoch, loss=sum(window) / len(window), lr=run.sched.get_last_lr()[0],
+                     **live_stats(run.timer, run.total))  # for compare's live progress lines
+        bar.update(st.step, st.losses[-1] if st.losses else float("nan"), run.timer)
+        if tc.eval_every and st.step % tc.eval_every == 0 and st.step < run.total:
+            m = self.evaluate(run.model, run.data["validation"])
+            st.history.append({"step": st.step, **m})
+            self.log(step=st.step, eval=m)
+        run.ck.step_end(st)
+
+    def _finish(self, run: Run, rss) -> dict:
+        """Final evaluation, weights and result.json (main process); the result on every process."""
+        if run.counter is not None:
+            run.counter.close()
+            run.timer.flops = dist.reduce_sum(self.acc, [run.timer.flops])[0]
+        final = self.evaluate(run.model, run.data[self.tc.eval_split])
+        run.times["eval_s"] = final.get("eval_s")
+        self.log(step=run.state.step, eval_final=final)
+        sd = dist.strategy_state_dict(self.acc, run.model, self.b.strategy) if self.b.recipe.output.save_weights else None
+        self.model = self.acc.unwrap_model(run.model)
+        wall_s = self.b.load_s + time.perf_counter() - run.t_start
+        artifact = self._save_weights(sd) if self.acc.is_main_process else {}
+        result = R.build(run, final, rss, wall_s, artifact, self._estimate_at(run.probe))
         if self.acc.is_main_process:
-            self._save(sd, result)
-            self.log_f.close()
-            if self.tb is not None:
-                self.tb.close()
+            atomic_write_json(self.run_dir / "result.json", result)
+            self.log.close()
+            self.track.finish([self.run_dir / "result.json"])
         self.acc.wait_for_everyone()
-        self.model = model
         return result
+
+    def _save_weights(self, sd) -> dict:
+        if sd is None:
+            return {}
+        path = self.run_dir / "strategy.safetensors"
+        save_safetensors(path, sd)
+        return {"strategy_weights": path.name, "strategy_bytes": path.stat().st_size, "tensors": len(sd)}
 
     def _estimate(self, train, total_steps: int) -> dict:
         """The memory estimate at the longest batch this run will train on (known up front)."""
+        lengths = list(train["length"])
+        need, longest, epoch = total_steps * self.tc.grad_accum, 0, 0
+        while need > 0:  # every epoch has at least one batch (epoch_batches): this ends
+            batches = self.epoch_batches(train, epoch)[0][:need]
+            longest = max([longest, *(max(lengths[i] for i in b) for b in batches)])
+            need, epoch = need - len(batches), epoch + 1
+        return self._estimate_safe(batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
+                                   seq_len=longest, seq_source="longest batch of this run")
+
+    def _estimate_safe(self, **kw) -> dict:
         from .estimate import estimate
 
-        lengths = list(train["length"])
-        longest, epoch, seen = 0, 0, 0
-        while seen < total_steps * self.tc.grad_accum:
-            for batch in self.train_batches(train, epoch)[: total_steps * self.tc.grad_accum - seen]:
-                longest = max(longest, max(lengths[i] for i in batch))
-                seen += 1
-            epoch += 1
         try:
-            return estimate(self.b.recipe, batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
-                            seq_len=longest, seq_source="longest batch of this run",
-                            task=self.b.task, tokenizer=self.b.tokenizer,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+            return estimate(self.b.recipe, task=self.b.task, tokenizer=self.b.tokenizer,
+                            device="cuda" if torch.cuda.is_available() else "cpu", **kw)
         except Exception as e:  # an estimate must never stop a training run
             return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
-    def _result(self, model, trainable, total_params, timer, rss, losses, final, history, split, wall_s,
-                n_train, steps, epochs) -> dict:
-        b = self.b
-        tail = losses[-max(1, min(len(losses), self.tc.log_every)):]
-        measured = {"method": "cuda" if torch.cuda.is_available() else "cpu_rss",
-                    "rss_baseline_bytes": rss.baseline, "rss_peak_bytes": rss.peak,
-                    "peak_bytes": rss.peak - rss.baseline, **measure.cuda_peaks()}
-        if torch.cuda.is_available():
-            measured["peak_bytes"] = measured["max_allocated_bytes"]
-        measured = dist.gather_memory(self.acc, measured)
-        return {
-            "schema": SCHEMA,
-            "run": {
-                "name": b.recipe.name,
-                "strategy": b.strategy.name,
-                "task": b.recipe.task.kind,
-                "model": b.backbone_info,
-                "seed": self.tc.seed,
-                "recipe_hash": b.recipe.hash(),
-                "recipe": b.recipe.to_dict(),
-                "precision": self.precision.record(),
-                "world_size": self.acc.num_processes,
-                "distributed_type": str(self.acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-            "task": b.task.info(),
-            "params": {"total": total_params, "trainable": trainable,
-                       "trainable_pct": 100.0 * trainable / total_params, "can_merge": b.strategy.can_merge},
-            "memory": {"measured": measured},
-            "speed": {**timer.summary(), "wall_s": wall_s, **split,
-                      "eval_samples_per_s": final.get("eval_samples_per_s"),
-                      "steps": steps, "epochs_started": epochs, "train_examples": n_train},
-            "metrics": {"eval": final, "eval_split": self.tc.eval_split, "history": history,
-                        "primary_metric": b.task.primary_metric,
-                        "train_loss": sum(tail) / len(tail) if tail else None},
-            "artifact": {},
-            "env": measure.environment(),
-        }
-
-    def _save(self, sd, result):
-        from .recipe import dump_yaml
-
-        d = self.run_dir
-        atomic_write_text(d / "recipe.yaml", dump_yaml(self.b.recipe))
-        if sd is not None:
-            save_safetensors(d / "strategy.safetensors", sd)
-            result["artifact"] = {"strategy_weights": "strategy.safetensors",
-                                  "strategy_bytes": (d / "strategy.safetensors").stat().st_size,
-                                  "tensors": len(sd)}
-        atomic_write_json(d / "result.json", result)
+    def _estimate_at(self, probe) -> dict | None:
+        """The estimate at the measured step's batch shape, to compare like with like."""
+        shape = (probe.result or {}).get("batch_shape")
+        if not shape or self.tc.padding_free:
+            return None
+        return self._estimate_safe(batch_size=shape[0], seq_len=shape[1], seq_source="the measured step's batch")
 
 
 def _flop_counter(model):
@@ -365,48 +378,3 @@ def _flop_counter(model):
     except Exception as e:
         warn(f"model FLOPs are not counted: {e.__class__.__name__}: {e}")
         return None
-
-
-def _tensorboard(path):
-    """A SummaryWriter when tensorboard is installed (it is optional), else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))
-
-
-def _scalars(rec: dict, prefix: str = ""):
-    for k, v in rec.items():
-        if isinstance(v, dict):
-            yield from _scalars(v, f"{prefix}{k}/")
-        elif isinstance(v, (int, float)) and k != "step":
-            yield f"{prefix}{k}", v
-
-
-class _progress:
-    """A rich progress bar with loss and throughput (silent when disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                              TextColumn("{task.fields[info]}"), transient=False)
-            self.p.__enter__()
-            self.t = self.p.add_task("train", total=self.total, info="")
-        return self
-
-    def update(self, step, loss, timer):
-        if self.enabled:
-            s = timer.summary()
-            sps = s["train_samples_per_s"]
-            info = f"loss {loss:.4f}" + (f" · {sps:.1f} samples/s" if sps else "")
-            self.p.update(self.t, completed=step, info=info)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)

@@ -47,6 +47,9 @@ TINY = {
     "gpt2": lambda: __import__("transformers").GPT2Config(
         vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0,
         bos_token_id=101, eos_token_id=102),
+    "phi3": lambda: __import__("transformers").Phi3Config(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=101, eos_token_id=102),
     "t5": lambda: __import__("transformers").T5Config(
         vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0,
         eos_token_id=102, decoder_start_token_id=0),

@@ -252,3 +252,20 @@ def test_real_process(tmp_path, rec, case):
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("peftkit: error: "), p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_empty_text_or_label_rows(capsys, tmp_path, rec):
+    r, d = rec
+    rows = sentiment_rows(20)
+    rows[4]["text"], rows[7]["label"] = "  ", ""
+    write_csv(d / "train.csv", rows)
+    expect_error(capsys, tmp_path, r, "train.csv): row 5: empty 'text' (task.data.bad_rows: skip drops such rows)")
+    r["task"]["data"]["bad_rows"] = "skip"
+    out = tmp_path / "skipped"
+    rc, _, err = main(capsys, "train", write_recipe(tmp_path / "r.yaml", r), "--out", str(out))
+    assert rc == 0, err
+    warned = [x for x in err.splitlines() if "bad row" in x]
+    assert len(warned) == 1 and "skipped 2 bad row(s)" in warned[0] and "row 5: empty 'text'" in warned[0], err
+    res = json.loads((out / "result.json").read_text())
+    assert res["task"]["bad_rows"]["skipped"] == {"train": 2}
+    assert res["task"]["labels"] == ["neg", "pos"]  # an empty label is not a class

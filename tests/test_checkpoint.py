@@ -18,6 +18,7 @@ import yaml
 from conftest import ROOT, run_cli, tiny_recipe
 from peftkit import checkpoint
 from peftkit import recipe as R
+from peftkit.state import decode, encode
 
 
 def recipe_dict(tiny_models, sentiment_dir, **train):
@@ -42,9 +43,9 @@ def fit_killed_after(rdict, out, step, monkeypatch, resume=False):
     """Train in-process and die right after ``step`` (as if SIGKILLed before the next checkpoint)."""
     orig = checkpoint.Checkpointer.step_end
 
-    def step_end(self, s, *a):
-        orig(self, s, *a)
-        if s == step:
+    def step_end(self, state):
+        orig(self, state)
+        if state.step == step:
             raise Killed
 
     with monkeypatch.context() as m:
@@ -76,8 +77,8 @@ def test_state_roundtrip():
     state = {"t": torch.arange(3.0), "tup": (1, 2.5, None), 0: {"x": [torch.tensor(1)]},
              "np": np.random.get_state(), "py": random.getstate()}
     tensors = {}
-    meta = json.loads(json.dumps(checkpoint.encode(state, tensors)))
-    back = checkpoint.decode(meta, tensors)
+    meta = json.loads(json.dumps(encode(state, tensors)))
+    back = decode(meta, tensors)
     assert torch.equal(back["t"], state["t"]) and back["tup"] == (1, 2.5, None)
     assert torch.equal(back[0]["x"][0], torch.tensor(1))
     np.random.set_state(back["np"])
@@ -147,31 +148,6 @@ def test_sigterm_and_sigkill_then_resume(reference, tiny_models, sentiment_dir, 
     assert weights(out) == weights(reference)
     assert metrics(out) == metrics(reference)
     assert not any(x.name.startswith(".tmp") for x in (out / "checkpoints").iterdir())
-
-
-def test_run_dir_rules(tiny_models, sentiment_dir, tmp_path):
-    r = R.from_dict(recipe_dict(tiny_models, sentiment_dir))
-    other = R.from_dict(recipe_dict(tiny_models, sentiment_dir, lr=5e-4))
-    h = r.hash()
-    assert h == R.from_dict(recipe_dict(tiny_models, sentiment_dir, checkpoint_every=7, keep_checkpoints=5)).hash()
-    assert checkpoint.check_run_dir(tmp_path / "new", h, force=False) == "fresh"
-    run = tmp_path / "run"
-    checkpoint.write(run / "checkpoints", 3, h, {"w": torch.ones(2)}, {"step": 3}, keep=2)
-    assert checkpoint.check_run_dir(run, h, force=False) == "resume"
-    with pytest.raises(checkpoint.UserError, match="checkpoints of a different recipe .* --force to discard"):
-        checkpoint.check_run_dir(run, other.hash(), force=False)
-    (run / "notes.txt").write_text("mine")
-    with pytest.raises(checkpoint.UserError, match="not empty"):
-        checkpoint.check_run_dir(run, h, force=False)
-    assert checkpoint.check_run_dir(run, h, force=True) == "resume"  # what compare does
-    assert checkpoint.check_run_dir(run, other.hash(), force=True) == "fresh"
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # only peftkit's own files go
-    (run / "result.json").write_text("{")
-    with pytest.raises(checkpoint.UserError, match="result.json is corrupt"):
-        checkpoint.check_run_dir(run, h, force=False)
-    (run / "result.json").write_text("{}")
-    with pytest.raises(checkpoint.UserError, match="finished run"):
-        checkpoint.check_run_dir(run, h, force=False)
 
 
 def test_checkpoint_write_is_atomic_and_pruned(tmp_path, monkeypatch):

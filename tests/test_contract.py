@@ -1,4 +1,4 @@
-"""One contract for every registered strategy, on tiny random BERT, Llama and GPT-2.
+"""One contract for every registered strategy, on tiny random BERT, Llama, GPT-2 and Phi-3.
 
 A new strategy gets this test by its registry line, and must add its expected trainable
 parameter count to ``EXPECTED`` below (the test fails without it).
@@ -17,8 +17,9 @@ from peftkit.errors import UserError
 from peftkit.io import save_safetensors
 from peftkit.recipe import from_dict
 from peftkit.strategies import count_params
+from peftkit.strategies.peft_backed import adapter_modules
 
-ARCHS = ("bert", "llama", "gpt2")
+ARCHS = ("bert", "llama", "gpt2", "phi3")
 LABELS = 2  # the synthetic sentiment data: pos/neg
 
 # Variants beyond each registered strategy's defaults: case -> recipe sections.
@@ -52,6 +53,8 @@ def lora(kind, r=8, dora=False):
         "llama": (r * (9 * h + 2 * kv + 3 * inter), 3 * h + 2 * kv + 2 * inter),
         # c_attn (h->3h), attention c_proj (h->h), c_fc (h->I), mlp c_proj (I->h)
         "gpt2": (r * (8 * h + 2 * inter), 5 * h + inter),
+        # fused qkv_proj (h->h+2kv), o (h->h), fused gate_up_proj (h->2I), down (I->h)
+        "phi3": (r * (6 * h + 2 * kv + 3 * inter), 3 * h + 2 * kv + 2 * inter),
     }[kind]
     return d["L"] * (per_layer[0] + (per_layer[1] if dora else 0)) + d["head"]
 
@@ -64,8 +67,8 @@ def adapter(kind):
 
 def ia3(kind):
     d = dims(kind)
-    # key + value output sizes (GPT-2: fused q,k,v = 3h) + the feed-forward intermediate size.
-    kv = {"bert": 2 * d["h"], "llama": 2 * d["kv"], "gpt2": 3 * d["h"]}[kind]
+    # key + value output sizes (GPT-2, Phi-3: fused q,k,v) + the feed-forward intermediate size.
+    kv = {"bert": 2 * d["h"], "llama": 2 * d["kv"], "gpt2": 3 * d["h"], "phi3": d["h"] + 2 * d["kv"]}[kind]
     return d["L"] * (kv + d["I"]) + d["head"]
 
 
@@ -82,8 +85,9 @@ def freeze(kind, layers=1):
     h, inter, kv = d["h"], d["I"], d["kv"]
     block = {"bert": 4 * h * h + 2 * h * inter + 9 * h + inter,
              "llama": 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h,
+             "phi3": 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h,  # fused, same sizes as llama
              "gpt2": 4 * h * h + 2 * h * inter + 9 * h + inter}[kind]
-    above = {"bert": h * h + h, "llama": h, "gpt2": 2 * h}[kind]  # pooler / final norm
+    above = {"bert": h * h + h, "llama": h, "gpt2": 2 * h, "phi3": h}[kind]  # pooler / final norm
     return (d["L"] - layers) * block + above + d["head"]
 
 
@@ -107,7 +111,7 @@ EXPECTED = {
     "bitfit": lambda kind, total: bitfit(kind),
 }
 # Documented refusals at apply time: (case, arch) -> text in the UserError.
-REFUSED = {("bitfit", "llama"): "no bias parameters"}
+REFUSED = {("bitfit", "llama"): "no bias parameters", ("bitfit", "phi3"): "no bias parameters"}
 SENTENCES = ["a great and moving film", "boring plot", "the acting was dull and weak", "fun"]
 
 
@@ -131,13 +135,6 @@ def _logits(b):
     batch = b.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         return b.model(**batch).logits.float()
-
-
-def _is_peft(m) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    return isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
 
 
 @pytest.mark.parametrize("kind", ARCHS)
@@ -190,7 +187,7 @@ def test_strategy_contract(case, kind, tiny_models, sentiment_dir, tmp_path):
 
     merged = b.strategy.merge(model)
     assert isinstance(merged, PreTrainedModel)
-    assert not any(_is_peft(m) for m in merged.modules())
+    assert not adapter_modules(merged)
     b.model = merged
     if b.recipe.model.quantization == "none":
         # fp32 (tiny_recipe pins it): W x + B(A x) vs (W + BA) x differ by rounding only, ~1e-7 of O(1) logits.

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -98,10 +100,43 @@ def test_two_processes_match_one(tiny_models, tmp_path):
     for k in w1:
         assert (w1[k] - w2[k]).abs().max().item() < 1e-4, k
     # Throughput counts the global batch, not rank 0's share.
-    assert r2["speed"]["train_samples_per_s"] is not None
+    # Same timed steps, same global examples and tokens (rank 0 alone would count about half).
+    assert r1["speed"]["timed_steps"] == r2["speed"]["timed_steps"] == 5
+    assert r1["speed"]["train_samples"] == r2["speed"]["train_samples"] >= 5 * 4
+    assert r1["speed"]["train_tokens"] == r2["speed"]["train_tokens"] > r1["speed"]["train_samples"]
     assert r2["memory"]["measured"]["peak_of"] == "max over ranks" and len(r2["memory"]["measured"]["per_rank"]) == 2
 
     # Only rank 0 wrote files and printed.
     assert sorted(os.listdir(tmp_path / "run2")) == ["log.jsonl", "recipe.yaml", "result.json", "strategy.safetensors"]
     stdout2 = out[2][0]
     assert stdout2.count("[peftkit] done:") == 1 and stdout2.count("trainable") == 1
+
+
+def test_fewer_examples_than_processes_is_a_user_error(tiny_models, tmp_path):
+    """Every global batch dropped (1 train example, 2 processes): one clear line, a rank exits 2 (it used to loop forever)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", sentiment_rows(1, 0))
+    write_csv(data / "validation.csv", sentiment_rows(4, 1))
+    write_csv(data / "test.csv", sentiment_rows(4, 2))
+    r = tiny_recipe(tiny_models["bert"], data, "lora", max_steps=1)
+    r["task"]["labels"] = ["neg", "pos"]
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump(r))
+    cmd = [sys.executable, "-m", "peftkit", "train", str(rec), "--out", str(tmp_path / "run"),
+           "--launcher", "accelerate", "--nproc", "2"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:  # SIGTERM to peftkit and the launcher; torch elastic then stops its ranks
+            os.killpg(p.pid, signal.SIGTERM)
+            p.communicate(timeout=120)  # elastic escalates to SIGKILL after ~30 s
+    msg = ("peftkit: error: task.data: the train split has 1 example(s): fewer than the 2 processes, "
+           "so every global batch would be dropped; use fewer processes or more data")
+    # From each rank that gets there first: torch elastic stops the other once one has exited.
+    assert err.count(msg) >= 1 and not re.search(r"peftkit: error: (?!task\.data: the train split)", err), err[-3000:]
+    # A rank exits 2; the launcher (torch elastic) reports that as its own exit 1.
+    assert p.returncode == 1 and re.search(r"exitcode\s*:?\s*2\b", err), err[-3000:]
+    assert not (tmp_path / "run" / "result.json").exists()

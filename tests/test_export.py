@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -236,3 +237,55 @@ def test_atomic_dir_keeps_old_on_failure(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new"] and len(list(tmp_path.iterdir())) == 1
+
+
+# -- runs that cannot be exported: one line, exit 2 ------------------------------------------
+def _export_error(capsys, run, out):
+    capsys.readouterr()
+    rc = cli.main(["export", str(run), "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines and lines[-1].startswith("peftkit: error: ") and "Traceback" not in err, err
+    assert not out.exists()
+    return rc, lines[-1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_export_of_corrupt_weights_is_one_line_naming_the_file(runs, tmp_path, capsys, damage):
+    run = shutil.copytree(runs("lora"), tmp_path / "run")
+    w = run / "strategy.safetensors"
+    data = w.read_bytes()
+    w.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file" * 8, "empty": b""}[damage])
+    rc, line = _export_error(capsys, run, tmp_path / "out")
+    assert rc == 2 and str(w) in line and "corrupt or truncated" in line, line
+
+
+def test_export_of_an_interrupted_run_says_where_it_stopped_and_how_to_resume(runs, tmp_path, capsys):
+    from peftkit import checkpoint
+    from peftkit import recipe as R
+
+    run = shutil.copytree(runs("lora"), tmp_path / "run")
+    (run / "result.json").unlink()
+    (run / "strategy.safetensors").unlink()  # what a kill at step 3 leaves: recipe, log, checkpoints
+    h = R.load(run / "recipe.yaml").hash()
+    for step in (2, 3):
+        checkpoint.write(run / "checkpoints", step, h, {"w": torch.ones(2)}, {"step": step}, keep=2)
+    rc, line = _export_error(capsys, run, tmp_path / "out")
+    assert rc == 2 and "stopped at step 3" in line and "save_weights" not in line, line
+    cmd = line.split("e.g. ")[1].split()
+    assert cmd[:2] == ["peftkit", "train"] and cmd[3:] == ["--out", str(run)], line
+    from peftkit.rundir import check_run_dir
+
+    # The command it names resumes that run rather than starting over.
+    assert check_run_dir(run, R.load(cmd[2]).hash(), force=False) == "resume"
+
+
+def test_export_of_a_finished_run_without_weights(runs, tmp_path, capsys):
+    run = shutil.copytree(runs("lora"), tmp_path / "run")
+    (run / "strategy.safetensors").unlink()
+    rc, line = _export_error(capsys, run, tmp_path / "out")
+    assert rc == 2 and "strategy.safetensors is missing" in line, line
+    rec = (run / "recipe.yaml").read_text().replace("save_weights: true", "save_weights: false")
+    (run / "recipe.yaml").write_text(rec)
+    rc, line = _export_error(capsys, run, tmp_path / "out")
+    assert rc == 2 and "trained with output.save_weights: false" in line, line

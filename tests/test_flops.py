@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from peftkit import measure
+from peftkit import flops
 from peftkit.flops import FlopCounter
 
 
@@ -110,7 +110,7 @@ def _matmul_split(ref):
     return ref.get_total_flops() - att, att
 
 
-@pytest.mark.parametrize("kind,strategy", [("gpt2", "full"), ("gpt2", "lora"), ("llama", "full")])
+@pytest.mark.parametrize("kind,strategy", [("gpt2", "full"), ("gpt2", "lora"), ("llama", "full"), ("phi3", "lora")])
 def test_causal_lm_conv1d_and_causal_half(tiny_models, kind, strategy):
     """GPT-2's Conv1D and the LM head (per token) count exactly; causal attention counts the
     query-key pairs at or before the query, (s+1)/2s of the full square torch executes."""
@@ -123,6 +123,32 @@ def test_causal_lm_conv1d_and_causal_half(tiny_models, kind, strategy):
     s = IDS.shape[1]
     assert counter.linear == pytest.approx(linear, rel=1e-9)
     assert counter.attention == pytest.approx(att * (s + 1) / (2 * s), rel=1e-9)
+
+
+def _tiny_encoder(family: str):
+    """A tiny random encoder of a family that peftkit.arch has no entry for."""
+    import transformers
+
+    common = dict(vocab_size=3000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, num_labels=2, attn_implementation="eager", pad_token_id=0)
+    if family == "modernbert":
+        cfg = transformers.ModernBertConfig(**common, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        return transformers.ModernBertForSequenceClassification(cfg)
+    return transformers.CamembertForSequenceClassification(transformers.CamembertConfig(**common))
+
+
+@pytest.mark.parametrize("family", ["modernbert", "camembert"])
+def test_encoder_without_a_table_entry_is_not_causal(family):
+    """An encoder peftkit.arch does not list is recognised as one (transformers' masked-LM
+    mapping): its attention counts every query-key pair, as torch executes, not the causal half."""
+    torch.manual_seed(0)
+    model = _tiny_encoder(family).train()
+    with FlopCounter(model) as counter, FlopCounterMode(display=False) as ref:
+        model(input_ids=IDS % 3000, attention_mask=torch.ones_like(IDS), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        counter.take()
+    linear, att = _matmul_split(ref)
+    assert counter.linear == pytest.approx(linear, rel=1e-9)
+    assert counter.attention == pytest.approx(att, rel=1e-9)
 
 
 def test_padding_free_batch_counts_each_sequence(tiny_models):
@@ -188,5 +214,5 @@ def test_trainer_reports_model_flops(tiny_models, sentiment_dir, tmp_path):
 
 
 def test_mfu_and_peak():
-    assert measure.mfu(50.0, 100.0) == 0.5 and measure.mfu(None, 100.0) is None
-    assert measure.matmul_peak_flops("cpu", torch.float32, n=64, iters=2, warmup=1) > 0
+    assert flops.mfu(50.0, 100.0) == 0.5 and flops.mfu(None, 100.0) is None
+    assert flops.matmul_peak_flops("cpu", torch.float32, n=64, iters=2, warmup=1) > 0

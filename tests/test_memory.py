@@ -1,26 +1,82 @@
-import json
-
 import pytest
 import torch
 
-from conftest import run_cli, tiny_recipe
+from conftest import tiny_recipe
 from peftkit import memory
 from peftkit import recipe as R
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
-def _train_step(model, acct, batch=4, seq=12, precision="fp32"):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True)
-    ids = torch.randint(1000, 2000, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[0, seq - 3:] = 0  # some padding, as in real batches
-    with acct.saved.pass_((batch, seq)), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = model(input_ids=ids, attention_mask=mask, labels=torch.zeros(batch, dtype=torch.long)).loss
-    loss.backward()
-    acct.after_backward(model)
-    opt.step()
-    acct.after_step(model, opt)
-    return acct.summary()
+def test_tracker_counts_known_sizes_exactly():
+    m = memory.LiveMemory()
+    with m:
+        a = torch.empty(1000)  # 4000 B
+        b = torch.empty(250, dtype=torch.float64)  # 2000 B
+        v = a.view(10, 100)  # a view: no new storage
+        a.add_(1)  # in place: no new storage
+        assert (m.current, m.peak) == (6000, 6000)
+        del a
+        assert m.current == 6000  # the view keeps the storage alive
+        del v
+        assert (m.current, m.peak) == (2000, 6000)
+        c = torch.empty(3000, dtype=torch.uint8)
+        d = b * 2  # a new 2000 B result
+        assert (m.current, m.peak) == (7000, 7000)
+        del b, c, d
+    assert (m.current, m.peak) == (0, 7000)
+    assert m.peak_by == {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 7000, "temporaries": 0}
+
+
+def test_tracker_rounds_blocks_and_sees_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        m = memory.LiveMemory(round_to=512)
+        with m:
+            x = torch.empty(1, dtype=torch.float32)  # 4 B -> one 512 B block
+            y = torch.empty(1000)  # 4000 B -> 4096 B
+        assert m.current == 512 + 4096
+        del x, y
+    assert m.current == 0 and m.peak == 512 + 4096
+
+
+def test_tracker_splits_a_step_by_category():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)  # 64*32*4 + 32*4 = 8320 B of weights
+    opt = torch.optim.AdamW(lin.parameters(), foreach=False)
+    x = torch.randn(16, 64)
+    lin(x).sum().backward()
+    opt.step()  # warm-up: optimizer state exists (2 x 8320 B + two 4 B steps)
+    opt.zero_grad(set_to_none=True)
+    m = memory.LiveMemory()
+    handles = memory.track_state(m, lin, opt)
+    assert m.by["weights"] == 8320 and m.by["optimizer"] == 2 * 8320 + 2 * 4 and m.by["gradients"] == 0
+    with m:
+        y = lin(x)  # 16 x 32 x 4 B output: an activation
+        assert m.by["activations"] == 2048
+        y.sum().backward()
+        assert m.by["gradients"] == 8320  # .grad re-labelled as it was accumulated
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for h in handles:
+        h.remove()
+    assert m.by["gradients"] == 0 and m.peak_by["gradients"] == 8320
+    assert m.peak == sum(m.peak_by.values()) and m.peak >= 8320 * 4 + 8 + 2048
+
+
+def test_step_peak_tracks_only_its_step():
+    lin = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(lin.parameters())
+    probe = memory.StepPeak(at=2)
+    for step in (1, 2, 3):
+        with probe.around(step, lin, opt, (4, 8)):
+            assert (_get_current_dispatch_mode() is not None) == (step == 2)
+            lin(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    r = probe.result
+    assert r["step"] == 2 and r["batch_shape"] == [4, 8]
+    assert r["at_peak"]["weights"] == (64 + 8) * 4 and r["peak_bytes"] >= r["start_bytes"]
 
 
 def _built(tiny_models, sentiment_dir, kind, strategy, **train):
@@ -32,27 +88,14 @@ def _built(tiny_models, sentiment_dir, kind, strategy, **train):
 def test_full_accounting_is_exact(tiny_models, sentiment_dir):
     b = _built(tiny_models, sentiment_dir, "bert", "full")
     n = sum(p.numel() for p in b.model.parameters())
-    acc = _train_step(b.model, memory.Accountant(b.model))
+    opt = torch.optim.AdamW(b.model.parameters(), foreach=True)
+    ids = torch.randint(1000, 2000, (4, 12))
+    b.model(input_ids=ids, labels=torch.zeros(4, dtype=torch.long)).loss.backward()
+    opt.step()
+    by = memory.optimizer_bytes(opt)["by_state"]
     # AdamW keeps exp_avg and exp_avg_sq in fp32 for every trainable parameter.
-    opt = acc["optimizer"]["by_state"]
-    assert opt["exp_avg"] + opt["exp_avg_sq"] == 2 * 4 * n
-    assert acc["optimizer"]["total_bytes"] == pytest.approx(2 * 4 * n, rel=1e-3)
-    assert acc["gradients"]["total_bytes"] == 4 * n
-    assert acc["weights"]["by_type"]["float32"] == 4 * n
-    assert acc["activations"]["total_bytes"] > 0 and acc["activations"]["batch_shape"] == [4, 12]
-    assert acc["total_bytes"] == sum(acc[k]["total_bytes"] for k in ("weights", "gradients", "optimizer", "activations"))
-
-
-def test_saved_tensors_count_each_storage_once_and_skip_parameters():
-    lin = torch.nn.Linear(8, 8, bias=False)
-    saved = memory.SavedTensors(lin)
-    x = torch.randn(16, 8, requires_grad=True)
-    with saved.pass_((16, 8)):
-        y = x * x  # saves x twice: one storage
-        z = lin(y)  # saves y and the weight (a parameter: excluded)
-    z.sum().backward()
-    assert saved.summary()["total_bytes"] == 2 * 16 * 8 * 4
-    assert saved.summary()["tensors"] == 2
+    assert by["exp_avg"] + by["exp_avg_sq"] == 2 * 4 * n
+    assert memory.weight_bytes(b.model)["by_type"]["float32"] == 4 * n
 
 
 def test_qlora_weights_are_packed_and_smaller(tiny_models, sentiment_dir):
@@ -65,49 +108,3 @@ def test_qlora_weights_are_packed_and_smaller(tiny_models, sentiment_dir):
     # Each quantized weight: 4 bytes (fp32) -> half a byte, plus its quant state.
     saved = 4 * n4 - packed - qw["by_type"]["quant_state"]
     assert lora["total_bytes"] - qw["total_bytes"] == pytest.approx(saved, rel=0.01) and saved > 0
-
-
-@pytest.mark.parametrize("kind,strategy,precision", [("bert", "full", "bf16"), ("llama", "lora", "bf16"),
-                                                      ("gpt2", "full", "fp32")])
-def test_estimate_matches_accounting(tiny_models, sentiment_dir, kind, strategy, precision):
-    from peftkit.estimate import estimate
-
-    b = _built(tiny_models, sentiment_dir, kind, strategy, precision=precision)
-    acc = _train_step(b.model, memory.Accountant(b.model), precision=precision)
-    est = estimate(b.recipe, batch_size=4, seq_len=12, task=b.task, tokenizer=b.tokenizer)
-    assert est["params"]["trainable"] == sum(p.numel() for p in b.model.parameters() if p.requires_grad)
-    for comp in ("weights", "gradients"):
-        assert est[comp]["total_bytes"] == acc[comp]["total_bytes"], comp
-    assert est["optimizer"]["total_bytes"] == acc["optimizer"]["total_bytes"]
-    assert est["activations"]["total_bytes"] == pytest.approx(acc["activations"]["total_bytes"], rel=0.15)
-    assert est["total_bytes"] == pytest.approx(acc["total_bytes"], rel=0.05)
-
-
-def test_estimate_cli_minilm_loads_no_weights(monkeypatch, tmp_path):
-    import transformers
-
-    from peftkit.estimate import estimate
-
-    def refuse(*a, **k):
-        raise AssertionError("estimate must not load weights")
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
-    r = R.load(R.__file__.replace("peftkit/recipe.py", "recipes/quickstart.yaml"), ["strategy.name=full"])
-    est = estimate(r)
-    assert est["params"]["total"] == est["params"]["trainable"] == 22_713_986  # all-MiniLM-L6-v2 + 2-label head
-    assert est["optimizer"]["total_bytes"] == pytest.approx(2 * 4 * 22_713_986, rel=1e-3)
-    assert est["seq_len"] == 64 and est["batch_size"] == 32 and est["activations"]["total_bytes"] > 0
-
-
-def test_estimate_cli_json_on_tiny(tiny_models, sentiment_dir, tmp_path):
-    import yaml
-
-    rec = tmp_path / "r.yaml"
-    rec.write_text(yaml.safe_dump(tiny_recipe(tiny_models["gpt2"], sentiment_dir, "lora")))
-    p = run_cli("estimate", str(rec), "strategy.r=4", "--seq-len", "16", "--json")
-    assert p.returncode == 0, p.stderr
-    est = json.loads(p.stdout)
-    assert est["seq_len"] == 16 and est["total_bytes"] == sum(
-        est[k]["total_bytes"] for k in ("weights", "gradients", "optimizer", "activations"))
-    p = run_cli("estimate", str(rec), "strategy.nope=1")
-    assert p.returncode == 2 and "strategy.nope" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ import yaml
 from conftest import tiny_recipe
 from peftkit import checkpoint, cli
 from peftkit import recipe as R
+from peftkit.state import TrainState
 
 
 @pytest.fixture(autouse=True)
@@ -106,10 +107,10 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny_models, sentim
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     model, opt, sched = acc.prepare(model, opt, sched)
     ck = checkpoint.Checkpointer(acc, tmp_path, recipe, resume=False)
-    strategy = strategies.get(recipe.strategy)
-    ck.save(1, model, strategy, opt, sched, None, {"step": 1})
+    ck.attach(model, strategies.get(recipe.strategy), opt, sched, None)
+    ck.save(TrainState(step=1))
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     with pytest.raises(TrainingFailed, match="weights became non-finite .*last good checkpoint is .*step-00000001"):
-        ck.save(2, model, strategy, opt, sched, None, {"step": 2})
+        ck.save(TrainState(step=2))
     assert [p.name for p in checkpoint.step_dirs(tmp_path / "checkpoints")] == ["step-00000001"]

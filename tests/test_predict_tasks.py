@@ -222,3 +222,32 @@ def test_bitfit_refuses_bias_free_generators(model, kind, tiny_models, instr_dir
     cls = {"llama": "LlamaForCausalLM", "t5": "T5ForConditionalGeneration"}[model]
     assert f"'bitfit': {cls} has no bias parameters (" in err and "use ia3 or lora" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_classification_predict_uses_the_text_pair(tiny_models, tmp_path):
+    from conftest import sentiment_rows, tiny_recipe, write_csv
+
+    from peftkit.build import build
+
+    for split, seed in (("train", 0), ("validation", 1), ("test", 2)):
+        rows = sentiment_rows(16, seed)
+        write_csv(tmp_path / f"{split}.csv", [{"premise": a["text"], "hypothesis": b["text"], "label": a["label"]}
+                                              for a, b in zip(rows, rows[::-1])])
+    rec = tiny_recipe(tiny_models["bert"], tmp_path, "lora")
+    rec["task"].update(text_column="premise", text_pair_column="hypothesis")
+    b = build(R.from_dict(rec))
+    b.model.eval()
+    ds, raw = b.task.datasets()["test"], b.task.raw_splits()["test"]
+    batch = b.task.collate([ds[i] for i in range(6)])
+    with torch.no_grad():
+        probs = b.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.softmax(-1)
+    pred = Predictor(b.model, b.tokenizer, "classification", rec["task"]["max_length"], b.task)
+    objects = [{"premise": raw[i]["premise"], "hypothesis": raw[i]["hypothesis"]} for i in range(6)]
+    got = pred.predict(objects, batch_size=4)
+    assert pred.predict([[o["premise"], o["hypothesis"]] for o in objects]) == got  # [text, pair] the same
+    assert [g["score"] for g in got] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
+    assert [g["label"] for g in got] == [b.task.labels[i] for i in probs.argmax(-1).tolist()]
+    with pytest.raises(UserError, match=r"takes a pair \[premise, hypothesis\]"):
+        pred.predict(["a premise alone"])
+    with pytest.raises(UserError, match="lacks column.*hypothesis"):
+        pred.predict([{"premise": "a premise alone"}])

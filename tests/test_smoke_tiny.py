@@ -1,6 +1,7 @@
 import json
 
 import yaml
+from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_recipe
 
@@ -15,5 +16,14 @@ def test_train_tiny_end_to_end(tiny_models, sentiment_dir, tmp_path):
         res = json.loads((out / "result.json").read_text())
         assert res["schema"] == "peftkit.result/1"
         assert res["params"]["trainable"] < res["params"]["total"]
-        assert 0.0 <= res["metrics"]["eval"]["accuracy"] <= 1.0
-        assert (out / "strategy.safetensors").exists()
+        ev = res["metrics"]["eval"]
+        assert ev["examples"] == 32 and res["metrics"]["eval_split"] == "test"
+        assert (ev["accuracy"] * 32).is_integer()  # a share of the 32 test examples, not a made-up number
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        losses = [x["loss"] for x in log if "loss" in x]
+        # log_every 10 > 4 steps: one line at the last step, the mean loss of all four.
+        assert [x["step"] for x in log if "loss" in x] == [4] and all(0 < x < 10 for x in losses)
+        assert res["speed"]["steps"] == 4 and res["metrics"]["train_loss"] == losses[-1]
+        sd = load_file(out / "strategy.safetensors")  # LoRA factors and the new head, nothing else
+        assert len(sd) == res["artifact"]["tensors"] and any("lora_A" in k for k in sd)
+        assert all(any(p in k for p in (".lora_", ".classifier.", ".score.")) for k in sd), sorted(sd)

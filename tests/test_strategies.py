@@ -14,7 +14,7 @@ from peftkit.errors import RecipeError, UserError
 from peftkit.recipe import from_dict
 from peftkit.strategies import count_params
 from peftkit.strategies.adapter import Bottleneck
-from peftkit.strategies.modules import find_blocks
+from peftkit.arch import find_blocks
 
 TEXT = ["a great and moving film", "boring plot"]
 
@@ -83,7 +83,8 @@ def test_unknown_architecture_is_found_at_validation(tmp_path, sentiment_dir):
         _recipe(tmp_path, sentiment_dir, {"name": "adapter"})
     with pytest.raises(RecipeError, match="ia3' has no default targets for 'opt'"):
         _recipe(tmp_path, sentiment_dir, {"name": "ia3"})
-    assert _recipe(tmp_path, sentiment_dir, {"name": "ia3", "target_modules": ["v_proj"]})
+    explicit = _recipe(tmp_path, sentiment_dir, {"name": "ia3", "target_modules": ["v_proj"]})
+    assert explicit.strategy.name == "ia3" and explicit.strategy.target_modules == ["v_proj"]
 
 
 def test_bitfit_refuses_llama_with_a_clear_error(tiny_models, sentiment_dir):

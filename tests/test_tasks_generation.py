@@ -177,3 +177,18 @@ def test_scitldr_rows_multi_reference(tiny_models):
     assert len(prompts) == 8 and all(2 <= len(r) <= 4 for r in refs)
     assert all(len(r) == 1 for r in rows["train"][1])
     assert prompts[0].startswith("Write a one-sentence TLDR") and ". " in prompts[0]  # sentences joined
+
+
+@pytest.mark.parametrize("kind, model", [("causal_lm", "llama"), ("seq2seq", "t5")])
+def test_truncation_counted_once_per_build_not_by_prediction(tiny_models, instr_dir, kind, model):
+    rec = gen_recipe(tiny_models[model], instr_dir, kind=kind,
+                     task={"prompt": "review: {review} {review} {review} sentiment:", "max_length": 16,
+                           "max_target_length": 4})
+    task = built(rec).task
+    task.datasets()
+    n = task.info()["truncated_examples"]
+    assert n > 0
+    task.datasets()  # built again (export --verify, a second evaluation): the same examples, not twice as many
+    assert task.info()["truncated_examples"] == n
+    task.prompt_batch(["review: " + "word " * 40 + "sentiment:"] * 3)  # what predict does
+    assert task.info()["truncated_examples"] == n

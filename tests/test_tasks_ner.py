@@ -156,3 +156,59 @@ def test_wnut17_recipe_cli_on_a_few_rows(tiny_models, tmp_path):
     assert res["metrics"]["eval"]["examples"] == 24 and res["task"]["labels"][0] == "O"
     assert set(res["task"]["labels"]) <= {"O"} | {f"{p}-{t}" for p in "BI" for t in types}
     assert "creative-work_f1" in res["metrics"]["eval"] or res["metrics"]["eval"]["f1"] == 0.0
+
+
+def test_truncation_counted_once_per_build(tiny_models, ner_dir):
+    task = built(ner_recipe(tiny_models["bert"], ner_dir, max_length=12)).task
+    task.datasets()
+    n = task.info()["truncated_examples"]
+    assert n > 0
+    task.datasets()
+    assert task.info()["truncated_examples"] == n
+
+
+def test_eval_step_on_a_batch_without_tails(tiny_models, ner_dir):
+    # The train split carries no "tail" (words cut by max_length); a batch of more examples
+    # than tokens per example must still get one (empty) tail per example.
+    b = built(ner_recipe(tiny_models["bert"], ner_dir))
+    task = b.task
+    ds = task.datasets()["train"]
+    batch = task.collate([ds[i] for i in range(len(ds))])
+    assert "tail" not in batch and batch["input_ids"].shape[0] > batch["input_ids"].shape[1]
+    preds, refs = task.eval_step(b.model, batch)
+    assert refs == task.raw_splits()["train"]["tags"] and [len(p) for p in preds] == [len(r) for r in refs]
+
+
+CONLL = {  # rows without a token, as real files carry them: "\tO" and "  \tO"
+    "train.conll": "Paris\tB-location\nis\tO\n\tO\nnice\tO\n\nBob\tB-person\n  \tO\nsang\tO\n",
+    "validation.conll": "Bob\tB-person\n\tO\nleft\tO\n",
+    "test.conll": "Alice\tB-person\nstayed\tO\n",
+}
+
+
+def test_conll_rows_without_a_token(tiny_models, tmp_path, capsys):
+    from peftkit import cli
+
+    for name, text in CONLL.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=r"train.conll: line 3: expected 'token<TAB>tag', got 'O'"):
+        read_conll(tmp_path / "train.conll")
+    rec = ner_recipe(tiny_models["bert"], tmp_path, files=tuple(CONLL), labels=["O", "B-location", "B-person"])
+    rec["train"].update(max_steps=1, batch_size=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train.conll: line 3: expected 'token<TAB>tag', got 'O'" in err and "bad_rows: skip" in err, err
+    assert not (tmp_path / "run").exists()
+
+    rc = cli.main(["train", str(tmp_path / "r.yaml"), "task.data.bad_rows=skip", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warned = [x for x in err.splitlines() if "bad row" in x]
+    assert len(warned) == 1 and "skipped 3 bad row(s)" in warned[0] and "train 2, validation 1" in warned[0], err
+    res = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert res["task"]["bad_rows"] == {"policy": "skip", "skipped": {"train": 2, "validation": 1}, "skipped_total": 3}
+    task = built({**rec, "task": {**rec["task"], "data": {**rec["task"]["data"], "bad_rows": "skip"}}}).task
+    assert task.raw_splits()["train"]["tokens"] == [["Paris", "is", "nice"], ["Bob", "sang"]]
+    assert task.raw_splits()["validation"]["tags"] == [["B-person", "O"]]

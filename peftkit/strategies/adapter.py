@@ -15,9 +15,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from .. import arch
 from ..errors import UserError
 from .base import Strategy, StrategyConfig, freeze_all, unfreeze
-from .modules import KNOWN_TYPES, model_type_of, role_linears
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -81,10 +81,12 @@ class Adapter(Strategy):
 
     def check(self, recipe):
         problems = super().check(recipe)
-        mt = model_type_of(recipe.model.name)
-        if mt is not None and mt not in KNOWN_TYPES:
+        mt = arch.model_type_of(recipe.model.name)
+        entry = arch.get(mt)
+        if mt is not None and not (entry and entry.has_roles):
+            known = ", ".join(arch.with_roles())
             problems.append(f"strategy 'adapter' does not know where to put adapters in '{mt}' models "
-                            f"(known: {', '.join(KNOWN_TYPES)})")
+                            f"(known: {known})")
         return problems
 
     def roles(self) -> list[str]:
@@ -93,7 +95,7 @@ class Adapter(Strategy):
     def apply(self, model, head):
         c = self.cfg
         freeze_all(model)
-        found = [x for role in self.roles() for x in role_linears(model, role)]
+        found = [x for role in self.roles() for x in arch.linears(model, role)]
         if not found:
             raise UserError(f"strategy 'adapter': no attention/feed-forward blocks found in {type(model).__name__}")
         for _, parent, attr in found:

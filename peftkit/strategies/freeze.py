@@ -2,9 +2,9 @@
 
 from typing import Literal
 
+from ..arch import find_blocks
 from ..errors import UserError
 from .base import Strategy, StrategyConfig, freeze_all, unfreeze
-from .modules import find_blocks
 
 
 class FreezeConfig(StrategyConfig):

@@ -6,23 +6,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Strategy, StrategyConfig
-
-# Attention and MLP linears per architecture. peft matches a target against the end of a
-# module name, so "output.dense" hits both BERT output projections but not "pooler.dense".
-DEFAULT_TARGETS = {
-    "bert": ["query", "key", "value", "output.dense", "intermediate.dense"],
-    "roberta": ["query", "key", "value", "output.dense", "intermediate.dense"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "t5": ["q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"],
-}
+from .. import arch
+from .base import StrategyConfig
+from .peft_backed import PeftStrategy
 
 
 def default_targets(model_type: str) -> list[str] | str:
-    return DEFAULT_TARGETS.get(model_type, "all-linear")
+    """The architecture's attention and MLP linears (peft matches a target against the end of
+    a module name, so BERT's "output.dense" hits both output projections but not the pooler)."""
+    entry = arch.get(model_type)
+    return list(entry.lora) if entry and entry.lora else "all-linear"
 
 
 class LoraConfig(StrategyConfig):
@@ -36,15 +29,14 @@ class LoraConfig(StrategyConfig):
     bias: Literal["none", "lora_only", "all"] = "none"
 
 
-class Lora(Strategy):
+class Lora(PeftStrategy):
     name = "lora"
     Config = LoraConfig
-    can_merge = True
 
     def peft_config(self, model, head):
         import peft
 
-        c = self.cfg
+        c, entry = self.cfg, arch.of(model)
         return peft.LoraConfig(
             r=c.r,
             lora_alpha=c.alpha,
@@ -54,20 +46,5 @@ class Lora(Strategy):
             use_dora=c.dora,
             bias=c.bias,
             modules_to_save=list(head) or None,
-            fan_in_fan_out=model.config.model_type == "gpt2",
+            fan_in_fan_out=bool(entry and entry.conv1d),
         )
-
-    def prepare(self, model):
-        return model
-
-    def apply(self, model, head):
-        import peft
-
-        model = self.prepare(model)
-        return peft.get_peft_model(model, self.peft_config(model, head))
-
-    def base_model(self, model):
-        return model.get_base_model()
-
-    def merge(self, model):
-        return model.merge_and_unload()

@@ -16,31 +16,18 @@ once training is over: it is what inference needs, and it is 10-30x smaller than
 
 from __future__ import annotations
 
-import importlib
-import json
 import sys
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from .. import arch
 from ..errors import UserError
 from .base import Strategy, StrategyConfig, freeze_all, unfreeze
 
-# model_type -> (module, self-attention class) whose forward calls ALL_ATTENTION_FUNCTIONS.
-ATTENTION_CLASSES = {
-    "bert": ("transformers.models.bert.modeling_bert", "BertSelfAttention"),
-    "roberta": ("transformers.models.roberta.modeling_roberta", "RobertaSelfAttention"),
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention"),
-    "gpt2": ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"),
-}
-BUILTIN_MODEL_TYPES = {"builtin:minilm": "bert", "builtin:smollm2": "llama"}
 IMPL = {"sdpa": "peftkit_prefix_sdpa", "eager": "peftkit_prefix_eager"}
-_SLOT = "_peftkit_prefix"
 
 
 class PrefixConfig(StrategyConfig):
@@ -104,10 +91,19 @@ class PrefixEncoder(nn.Module):
 
 
 class _Slot:
-    """Plain (non-Module) attribute on an attention module: which prefix it uses."""
+    """Plain (non-Module) attribute ``arch.PREFIX_SLOT`` on an attention module: which prefix
+    it uses; ``tokens`` and ``trains`` are what the FLOP counter reads."""
 
     def __init__(self, encoder: PrefixEncoder, index: int):
         self.encoder, self.index = encoder, index
+
+    @property
+    def tokens(self) -> int:
+        return self.encoder.shape[3]
+
+    @property
+    def trains(self) -> bool:
+        return self.encoder.table_requires_grad()
 
 
 def _extend_mask(mask, tokens: int, query, kv_len: int, causal: bool, additive: bool):
@@ -142,7 +138,7 @@ def _prefix_attention(base: str):
             kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
             if kernel is None:
                 raise RuntimeError(f"prefix: {type(module).__name__} has no eager_attention_forward; use sdpa")
-        slot = getattr(module, _SLOT, None)
+        slot = getattr(module, arch.PREFIX_SLOT, None)
         if slot is None:  # cross-attention and other modules without a prefix
             return kernel(module, query, key, value, attention_mask, *args, **kwargs)
         kv = slot.encoder.layer(slot.index)  # (2, kv_heads, tokens, head_dim)
@@ -172,26 +168,13 @@ def register() -> None:
         AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)
 
 
-def model_type_of(mc) -> str | None:
-    """The model_type a model section names, read without loading weights (None: unknown)."""
-    if mc.name in BUILTIN_MODEL_TYPES:
-        return BUILTIN_MODEL_TYPES[mc.name]
-    cfg = Path(mc.name).expanduser() / "config.json"
-    if cfg.is_file():
-        try:
-            return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError):
-            return None
-    return None  # hub ids: checked when the model is loaded
-
-
-def _attention_classes(model_type: str) -> tuple[type, ...]:
-    mod, cls = ATTENTION_CLASSES[model_type]
-    return (getattr(importlib.import_module(mod), cls),)
+def _attention_class(model_type: str) -> type | None:
+    entry = arch.get(model_type)
+    return entry.cls(entry.attention) if entry and entry.prefix and entry.attention else None
 
 
 def _unsupported(model_type) -> str:
-    return (f"strategy 'prefix' supports model types {', '.join(ATTENTION_CLASSES)}; "
+    return (f"strategy 'prefix' supports model types {', '.join(arch.with_prefix())}; "
             f"this model is '{model_type}'")
 
 
@@ -209,8 +192,8 @@ class Prefix(Strategy):
 
     def check(self, recipe) -> list[str]:
         problems = super().check(recipe)
-        mt = model_type_of(recipe.model)
-        if mt is not None and mt not in ATTENTION_CLASSES:
+        mt = arch.model_type_of(recipe.model.name)
+        if mt is not None and mt not in arch.with_prefix():
             problems.append(_unsupported(mt) + f" (model.name={recipe.model.name})")
         if recipe.model.attn_implementation == "flash_attention_2":
             problems.append("strategy 'prefix' runs on sdpa or eager attention, "
@@ -220,14 +203,14 @@ class Prefix(Strategy):
     def apply(self, model, head):
         c = self.cfg
         cfg = model.config.get_text_config()
-        if cfg.model_type not in ATTENTION_CLASSES:
+        cls = _attention_class(cfg.model_type)
+        if cls is None:
             raise UserError(_unsupported(cfg.model_type))
         if any(isinstance(m, PrefixEncoder) for m in model.modules()):
             raise ValueError("prefix tuning is already applied to this model")
-        types = _attention_classes(cfg.model_type)
-        attn = [m for m in model.modules() if isinstance(m, types) and not getattr(m, "is_cross_attention", False)]
+        attn = [m for m in model.modules() if isinstance(m, cls) and not getattr(m, "is_cross_attention", False)]
         if not attn:
-            raise UserError(f"prefix: no {types[0].__name__} modules found in {type(model).__name__}")
+            raise UserError(f"prefix: no {cls.__name__} modules found in {type(model).__name__}")
         # Keys reach the kernel before repeat_kv: kv heads = heads / the module's GQA group size.
         a = attn[0]
         kv_heads = cfg.num_attention_heads // getattr(a, "num_key_value_groups", 1)
@@ -239,7 +222,7 @@ class Prefix(Strategy):
         model.add_module("prefix_encoder", enc)
         # One index per module in traversal order: unique even where layer_idx is shared or absent.
         for i, m in enumerate(attn):
-            setattr(m, _SLOT, _Slot(enc, i))
+            setattr(m, arch.PREFIX_SLOT, _Slot(enc, i))
 
         # The MLP runs once per forward, outside any gradient-checkpointed layer.
         def refresh(mod, args):  # returns None: a pre-hook's return value would replace the inputs

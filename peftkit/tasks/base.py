@@ -1,39 +1,17 @@
-"""The task contract and the data section shared by every task kind.
+"""The task contract shared by every task kind.
 
 A task knows its data, its collator, its head and its metric; it never looks at strategies.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import Field
 
 from ..config import Section
 from ..errors import DataError
-
-
-class DataConfig(Section):
-    source: str | None = None  # builtin:NAME, or a hub dataset name; None = use the files below
-    dir: str | None = None  # files below are relative to this (override-able: task.data.dir=...)
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
-    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet", "conll"] = "auto"
-    # Splits that have no file are cut from train by a seeded fraction.
-    validation_fraction: float = Field(0.1, ge=0, lt=1)
-    test_fraction: float = Field(0.1, ge=0, lt=1)
-    split_seed: int = 0
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
-
-    def path(self, split: str) -> Path | None:
-        name = getattr(self, split)
-        if name is None:
-            return None
-        p = Path(name)
-        return Path(self.dir) / p if self.dir and not p.is_absolute() else p
+from .data import BadRows, DataConfig, load_splits
 
 
 class TaskConfig(Section):
@@ -43,18 +21,28 @@ class TaskConfig(Section):
 
 
 class Task:
-    """Subclasses set ``kind`` and ``Config`` and implement the methods below."""
+    """Subclasses set ``kind`` and ``Config`` and implement the methods that raise here.
+
+    The base reads the raw splits once (``raw_splits``: files, a builtin or a hub name, bad
+    rows handled by ``task.data.bad_rows``), rebuilds tokenized splits on each ``datasets()``
+    call (truncation counted per build, not accumulated), and gives labelled kinds their
+    head size (``model_kwargs``) and ``info``.
+    """
 
     kind: ClassVar[str]
     Config: ClassVar[type[TaskConfig]]
     # Names of the task head modules on the model (new, always trainable).
     head_names: ClassVar[tuple[str, ...]] = ()
     primary_metric: ClassVar[str] = "loss"
+    # Kinds with a label set (cfg.labels, else inferred from the data by ``infer_labels``).
+    labelled: ClassVar[bool] = False
 
     def __init__(self, cfg: TaskConfig, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.truncated = 0  # examples cut to max_length, counted while tokenizing
+        self.labels: list[str] | None = getattr(cfg, "labels", None)
+        self.truncated = 0  # examples cut to max_length by the last datasets() call
+        self.bad = BadRows(cfg.data.bad_rows)
         self._raw = None  # raw splits, read once
 
     @classmethod
@@ -64,16 +52,70 @@ class Task:
     def auto_class(self):
         raise NotImplementedError
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """Extra from_pretrained/from_config kwargs (e.g. num_labels)."""
-        return {}
+    # -- data -----------------------------------------------------------------------------
+    def where(self, split: str) -> str:
+        p = self.cfg.data.path(split)
+        return f"task.data.{split}" + (f" ({p})" if p else "")
 
-    def head(self, model) -> list[str]:
-        return [n for n in self.head_names if hasattr(model, n)]
+    def load_builtin(self, name: str):
+        """(Dataset, group column or None) of a ``builtin:NAME`` source."""
+        raise DataError(f"task.data.source: builtin '{name}' is not available for this task")
+
+    def columns(self) -> list[str]:
+        """The columns every raw split must have."""
+        return []
+
+    def bad_row(self, row: dict) -> str | None:
+        """Why a raw row (its ``columns()``) cannot be used (``task.data.bad_rows`` decides), None if it can."""
+        return None
+
+    def raw_splits(self) -> dict:
+        if self._raw is None:
+            self._raw = load_splits(self.cfg.data, builtin_loader=self.load_builtin, clean=self._clean,
+                                    bad=self.bad)
+            if self.labelled and self.labels is None:
+                self.labels = self.infer_labels(self._raw)
+        return self._raw
+
+    def _clean(self, split: str, ds):
+        require_columns(ds, self.columns(), self.where(split))
+        if type(self).bad_row is Task.bad_row:
+            return ds
+        values = {k: ds[k] for k in self.columns()}  # whole columns: much faster than row access
+        keep = []
+        for i in range(len(ds)):
+            why = self.bad_row({k: v[i] for k, v in values.items()})
+            if why is None:
+                keep.append(i)
+            else:
+                self.bad.found(split, f"{self.where(split)}: row {i + 1}: {why}")
+        return ds if len(keep) == len(ds) else ds.select(keep)
+
+    def infer_labels(self, raw: dict) -> list[str]:
+        raise NotImplementedError
 
     def datasets(self) -> dict:
         """Tokenized splits: {'train', 'validation', 'test'} -> datasets.Dataset."""
+        raw = self.raw_splits()
+        self.truncated = 0
+        return {split: self.encode_split(split, ds) for split, ds in raw.items()}
+
+    def encode_split(self, split: str, ds):
+        """One raw split tokenized (adds to ``self.truncated``)."""
         raise NotImplementedError
+
+    # -- model ----------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra from_pretrained/from_config kwargs: the head size of a labelled kind."""
+        if not self.labelled:
+            return {}
+        if self.labels is None:  # known labels: a model can be rebuilt without its data
+            self.raw_splits()
+        return dict(num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+                    label2id={n: i for i, n in enumerate(self.labels)})
+
+    def head(self, model) -> list[str]:
+        return [n for n in self.head_names if hasattr(model, n)]
 
     def collate(self, features: list[dict]) -> dict:
         raise NotImplementedError
@@ -90,9 +132,41 @@ class Task:
         those); None when the model gives one row of logits per example."""
         return None
 
+    def predict(self, model, inputs: list, batch_size: int, max_length: int | None = None) -> list[dict]:
+        """One dict per input (see ``peftkit.predict``); ``max_length`` None = the tokenizer's limit."""
+        raise NotImplementedError
+
+    # -- what result.json records -----------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        """What result.json records about the task (label names, sizes, truncation)."""
-        return {}
+        """Label names (labelled kinds), lengths, truncation and skipped rows."""
+        out = {"labels": self.labels} if self.labelled else {}
+        out.update(max_length=self.cfg.max_length, truncated_examples=self.truncated, bad_rows=self.bad.info())
+        return out
+
+    def notes(self) -> list[str]:
+        """Warnings for the user about the data as last built (one line each)."""
+        out = []
+        if self.truncated:
+            out.append(f"{self.truncated} example(s) longer than task.max_length={self.cfg.max_length} tokens "
+                       "were truncated")
+        if skipped := self.bad.note():
+            out.append(skipped)
+        return out
+
+
+def cell_text(v) -> str:
+    """A data cell as text: None is empty, a list is joined with spaces."""
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return " ".join(cell_text(x) for x in v)
+    return str(v)
+
+
+def to_device(model, batch) -> dict:
+    """A batch's tensors on the device of the model's first parameter."""
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in dict(batch).items()}
 
 
 def require_columns(ds, columns: list[str], where: str) -> None:

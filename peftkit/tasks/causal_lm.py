@@ -33,6 +33,7 @@ class CausalLMConfig(GenerationConfig):
 
 class CausalLM(GenerationTask):
     kind = "causal_lm"
+    model_kind = "decoder"
     Config = CausalLMConfig
 
     def auto_class(self):
@@ -53,38 +54,34 @@ class CausalLM(GenerationTask):
         return bos + tok(prompt, add_special_tokens=False)["input_ids"]
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int], list[int]]:
-        """(prompt ids, full input ids, labels), the prompt cut in the middle if too long."""
+        """(prompt ids, full input ids, labels), the prompt cut in the middle if too long (counted)."""
         r = self.target_ids(target)
-        p = self.fit_prompt(self.prompt_ids(prompt), self.cfg.max_length - len(r))
+        full = self.prompt_ids(prompt)
+        p = self.fit_prompt(full, self.cfg.max_length - len(r))
+        self.truncated += len(p) < len(full)
         return p, p + r, [-100] * len(p) + r
 
     def fit_prompt(self, p: list[int], budget: int) -> list[int]:
-        """Prompt ids cut in the middle to at most ``budget`` tokens (counted in ``truncated``)."""
+        """Prompt ids cut in the middle to at most ``budget`` tokens."""
         if len(p) <= budget:
             return p
-        self.truncated += 1
         tail = min(KEEP_TAIL, budget // 2)
         return p[: budget - tail] + p[len(p) - tail:]
 
-    def datasets(self) -> dict:
-        import datasets
-
-        out = {}
-        for split, (prompts, refs) in self.rows().items():
-            cols: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    def encode_rows(self, split, prompts, refs):
+        cols: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+        if split != "train":
+            cols.update(prompt_ids=[], refs=refs)
+        for prompt, rs in zip(prompts, refs):
+            p, ids, labels = self.encode(prompt, rs[0])
+            cols["input_ids"].append(ids)
+            cols["labels"].append(labels)
+            cols["length"].append(len(ids))
             if split != "train":
-                cols.update(prompt_ids=[], refs=refs)
-            for prompt, rs in zip(prompts, refs):
-                p, ids, labels = self.encode(prompt, rs[0])
-                cols["input_ids"].append(ids)
-                cols["labels"].append(labels)
-                cols["length"].append(len(ids))
-                if split != "train":
-                    cols["prompt_ids"].append(p)
-            if split == "train" and self.cfg.packing:
-                cols = self.pack(cols["input_ids"], cols["labels"])
-            out[split] = datasets.Dataset.from_dict(cols)
-        return out
+                cols["prompt_ids"].append(p)
+        if split == "train" and self.cfg.packing:
+            cols = self.pack(cols["input_ids"], cols["labels"])
+        return cols
 
     def pack(self, ids: list[list[int]], labels: list[list[int]]) -> dict[str, list]:
         n = self.cfg.max_length

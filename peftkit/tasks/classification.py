@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import torch
 
 from ..assets import locate
-from ..errors import DataError
-from .base import DataConfig, Task, TaskConfig, require_columns
-from .data import load_splits
+from ..errors import DataError, UserError
+from .base import DataConfig, Task, TaskConfig, cell_text, to_device
 
 BUILTIN_LABELS = {"builtin:rotten-tomatoes": ["rotten", "fresh"]}
 
@@ -44,63 +44,55 @@ class Classification(Task):
     Config = ClassificationConfig
     head_names = ("classifier", "score")
     primary_metric = "accuracy"
+    labelled = True
 
     def __init__(self, cfg: ClassificationConfig, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.labels: list[str] | None = cfg.labels or BUILTIN_LABELS.get(cfg.data.source or "")
+        self.labels = self.labels or BUILTIN_LABELS.get(cfg.data.source or "")
 
     def auto_class(self):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification
 
-    def raw_splits(self) -> dict:
-        if self._raw is None:
-            self._raw = load_splits(self.cfg.data, builtin_loader=rotten_tomatoes)
-            if self.labels is None:
-                values = {str(v) for v in self._raw["train"][self.cfg.label_column]} if (
-                    self.cfg.label_column in self._raw["train"].column_names) else set()
-                ints = all(v.lstrip("-").isdigit() for v in values)
-                self.labels = sorted(values, key=int) if ints and values else sorted(values)
-        return self._raw
+    def load_builtin(self, name: str):
+        return rotten_tomatoes(name)
 
-    def model_kwargs(self):
-        if self.labels is None:  # known labels: a model can be rebuilt without its data
-            self.raw_splits()
-        return dict(
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={n: i for i, n in enumerate(self.labels)},
-        )
+    def text_columns(self) -> list[str]:
+        return [self.cfg.text_column] + ([self.cfg.text_pair_column] if self.cfg.text_pair_column else [])
 
-    def datasets(self) -> dict:
+    def columns(self) -> list[str]:
+        return self.text_columns() + [self.cfg.label_column]
+
+    def bad_row(self, row: dict) -> str | None:
+        return next((f"empty '{k}'" for k in self.columns() if row[k] is None or not str(row[k]).strip()), None)
+
+    def infer_labels(self, raw: dict) -> list[str]:
+        values = {str(v) for v in raw["train"][self.cfg.label_column]}
+        ints = all(v.lstrip("-").isdigit() for v in values)
+        return sorted(values, key=int) if ints and values else sorted(values)
+
+    def encode_split(self, split: str, ds):
+        import datasets
+
         c = self.cfg
-        raw = self.raw_splits()
         label2id = {n: i for i, n in enumerate(self.labels)}
-        cols = [c.text_column, c.label_column] + ([c.text_pair_column] if c.text_pair_column else [])
-        out = {}
-        for split, ds in raw.items():
-            where = f"task.data.{split}" + (f" ({c.data.path(split)})" if c.data.path(split) else "")
-            require_columns(ds, cols, where)
-            ids = []
-            for row, v in enumerate(ds[c.label_column]):
-                if str(v) not in label2id:
-                    raise DataError(f"{where}: row {row + 1}: label {v!r} not in the label set {self.labels}")
-                ids.append(label2id[str(v)])
-            texts = [("" if t is None else str(t)) for t in ds[c.text_column]]
-            pairs = [("" if t is None else str(t)) for t in ds[c.text_pair_column]] if c.text_pair_column else None
-            enc = self.tokenizer(texts, pairs, truncation=True, max_length=c.max_length)
-            # Only rows cut to exactly max_length can have been truncated: re-tokenize just those.
-            cut = [i for i, x in enumerate(enc["input_ids"]) if len(x) == c.max_length]
-            if cut:
-                full = self.tokenizer([texts[i] for i in cut], [pairs[i] for i in cut] if pairs else None)["input_ids"]
-                self.truncated += sum(len(f) > c.max_length for f in full)
-            enc["labels"] = ids
-            enc["length"] = [len(x) for x in enc["input_ids"]]
-            import datasets
-
-            out[split] = datasets.Dataset.from_dict(dict(enc))
-        return out
+        ids = []
+        for row, v in enumerate(ds[c.label_column]):
+            if str(v) not in label2id:
+                raise DataError(f"{self.where(split)}: row {row + 1}: label {v!r} not in the label set {self.labels}")
+            ids.append(label2id[str(v)])
+        texts = [cell_text(t) for t in ds[c.text_column]]
+        pairs = [cell_text(t) for t in ds[c.text_pair_column]] if c.text_pair_column else None
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=c.max_length)
+        # Only rows cut to exactly max_length can have been truncated: re-tokenize just those.
+        cut = [i for i, x in enumerate(enc["input_ids"]) if len(x) == c.max_length]
+        if cut:
+            full = self.tokenizer([texts[i] for i in cut], [pairs[i] for i in cut] if pairs else None)["input_ids"]
+            self.truncated += sum(len(f) > c.max_length for f in full)
+        enc["labels"] = ids
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        return datasets.Dataset.from_dict(dict(enc))
 
     def collate(self, features):
         labels = torch.tensor([f["labels"] for f in features])
@@ -122,5 +114,34 @@ class Classification(Task):
             "macro_f1": float(f1_score(refs, preds, average="macro", labels=list(range(len(self.labels))), zero_division=0)),
         }
 
-    def info(self):
-        return {"labels": self.labels, "truncated_examples": self.truncated, "max_length": self.cfg.max_length}
+    # -- prediction ---------------------------------------------------------------------
+    def predict_input(self, x) -> tuple[str, str | None]:
+        """(text, pair) of one input: a text, [text, pair], or an object of the text column(s)."""
+        cols = self.text_columns()
+        if isinstance(x, dict):
+            missing = [k for k in cols if k not in x]
+            if missing:
+                raise UserError(f"predict: input {json.dumps(x)[:80]} lacks column(s) {', '.join(missing)}")
+            return cell_text(x[cols[0]]), (cell_text(x[cols[1]]) if len(cols) == 2 else None)
+        if len(cols) == 1 and isinstance(x, str):
+            return x, None
+        if len(cols) == 2 and isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(t, str) for t in x):
+            return x[0], x[1]
+        want = "a text" if len(cols) == 1 else f"a pair [{cols[0]}, {cols[1]}]"
+        raise UserError(f"predict: classification takes {want} or an object of its column(s) "
+                        f"({', '.join(cols)}), not {type(x).__name__}")
+
+    @torch.no_grad()
+    def predict(self, model, inputs, batch_size, max_length=None):
+        id2label = model.config.id2label
+        rows = [self.predict_input(x) for x in inputs]
+        out = []
+        for k in range(0, len(rows), batch_size):
+            texts, pairs = zip(*rows[k : k + batch_size])
+            enc = self.tokenizer(list(texts), list(pairs) if self.cfg.text_pair_column else None, padding=True,
+                                 truncation=True, max_length=max_length, return_tensors="pt")
+            probs = model(**to_device(model, enc)).logits.float().softmax(-1)
+            score, idx = probs.max(-1)
+            out += [{"label": id2label[int(i)], "score": float(s)} for s, i in zip(score, idx)]
+        return out
+

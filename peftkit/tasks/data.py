@@ -1,13 +1,68 @@
-"""Loading splits from files (or a hub name, or a builtin) through ``datasets``."""
+"""The data section of a task, and loading its splits from files (or a hub name, or a
+builtin) through ``datasets``."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
+
+from ..config import Section
 from ..errors import DataError
-from .base import DataConfig
+
+
+class DataConfig(Section):
+    source: str | None = None  # builtin:NAME, or a hub dataset name; None = use the files below
+    dir: str | None = None  # files below are relative to this (override-able: task.data.dir=...)
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet", "conll"] = "auto"
+    # Splits that have no file are cut from train by a seeded fraction.
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = 0
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    # A row the task cannot use (a CoNLL line without a token, an empty text, label or
+    # response): stop with its file and line (error), or drop it, counted in result.json (skip).
+    bad_rows: Literal["error", "skip"] = "error"
+
+    def path(self, split: str) -> Path | None:
+        name = getattr(self, split)
+        if name is None:
+            return None
+        p = Path(name)
+        return Path(self.dir) / p if self.dir and not p.is_absolute() else p
+
+
+class BadRows:
+    """``task.data.bad_rows``: stop at the first bad row (error), or skip it, counted per split."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.skipped: dict[str, int] = {}
+        self.first: str | None = None
+
+    def found(self, split: str, what: str) -> None:
+        """``what``: the file (or split) and line (or row) and what is wrong there."""
+        if self.policy == "error":
+            raise DataError(f"{what} (task.data.bad_rows: skip drops such rows)")
+        self.skipped[split] = self.skipped.get(split, 0) + 1
+        self.first = self.first or what
+
+    def info(self) -> dict:
+        return {"policy": self.policy, "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values())}
+
+    def note(self) -> str | None:
+        if not self.skipped:
+            return None
+        per = ", ".join(f"{k} {v}" for k, v in self.skipped.items())
+        return f"skipped {sum(self.skipped.values())} bad row(s) (task.data.bad_rows: skip): {per}; first: {self.first}"
+
 
 _EXT = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet",
         ".conll": "conll", ".txt": "conll"}
@@ -23,10 +78,12 @@ def file_format(path: Path, fmt: str) -> str:
     return _EXT[ext]
 
 
-def read_conll(path: Path):
+def read_conll(path: Path, on_bad=None):
     """CoNLL/BIO text -> Dataset(tokens, tags): first column = token, last column = tag.
 
-    A sentence ends at a line that is empty after strip() (some files use a lone tab).
+    A sentence ends at a line that is empty after strip() (some files use a lone tab). A line
+    without a token (``\tO``) goes to ``on_bad(message)`` (e.g. ``BadRows.found``), which
+    raises or lets it be skipped; without ``on_bad`` it is an error.
     """
     import datasets
 
@@ -42,7 +99,11 @@ def read_conll(path: Path):
                 continue
             parts = s.split("\t") if "\t" in s else s.split()
             if len(parts) < 2:
-                raise DataError(f"{path}: line {n}: expected 'token<TAB>tag', got {s[:60]!r}")
+                msg = f"{path}: line {n}: expected 'token<TAB>tag', got {s[:60]!r}"
+                if on_bad is None:
+                    raise DataError(msg)
+                on_bad(msg)
+                continue
             sent_tok.append(parts[0].strip())
             sent_tag.append(parts[-1].strip())
     if sent_tok:
@@ -51,8 +112,8 @@ def read_conll(path: Path):
     return datasets.Dataset.from_dict({"tokens": tokens, "tags": tags})
 
 
-def load_file(path: Path, fmt: str):
-    """One file -> datasets.Dataset."""
+def load_file(path: Path, fmt: str, on_bad=None):
+    """One file -> datasets.Dataset (``on_bad``: see ``read_conll``)."""
     import datasets
 
     if not path.exists():
@@ -78,7 +139,7 @@ def load_file(path: Path, fmt: str):
         builder = "parquet"
     elif fmt == "conll":
         try:
-            ds = read_conll(path)
+            ds = read_conll(path, on_bad)
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
         if len(ds) == 0:
@@ -131,8 +192,13 @@ def split_by_fraction(ds, cfg: DataConfig, need: list[str], group_column: str | 
     return {k: ds.select(v) for k, v in idx.items() if k == "train" or k in need}
 
 
-def load_splits(cfg: DataConfig, builtin_loader=None, group_column: str | None = None) -> dict:
-    """train/validation/test datasets from files, a builtin, or a hub dataset."""
+def load_splits(cfg: DataConfig, builtin_loader=None, group_column: str | None = None, clean=None,
+                bad: BadRows | None = None) -> dict:
+    """train/validation/test datasets from files, a builtin, or a hub dataset.
+
+    ``clean(split, ds) -> ds`` checks (and may filter) each split as read, before splits are
+    cut from train or sub-sampled; ``bad`` receives the CoNLL lines without a token.
+    """
     import datasets
 
     if cfg.source and cfg.source.startswith("builtin:"):
@@ -149,7 +215,10 @@ def load_splits(cfg: DataConfig, builtin_loader=None, group_column: str | None =
     else:
         if cfg.train is None:
             raise DataError("task.data: set either 'source' or 'train' (a file)")
-        splits = {s: load_file(cfg.path(s), cfg.format) for s in ("train", "validation", "test") if cfg.path(s)}
+        splits = {s: load_file(cfg.path(s), cfg.format, bad and (lambda msg, s=s: bad.found(s, msg)))
+                  for s in ("train", "validation", "test") if cfg.path(s)}
+    if clean is not None:
+        splits = {s: clean(s, ds) for s, ds in splits.items()}
     need = [s for s in ("validation", "test") if s not in splits]
     if need:
         cut = split_by_fraction(splits["train"], cfg, need, group_column)

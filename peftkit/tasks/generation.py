@@ -15,17 +15,18 @@ chrF (sacrebleu, multi-reference), 0..100 as sacrebleu reports them. Always: ``e
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import DataError
-from .base import Task, TaskConfig, require_columns
-from .data import load_splits
+from .. import arch
+from ..errors import DataError, UserError
+from .base import Task, TaskConfig, cell_text, to_device
 
 PRIMARY = {"accuracy": "accuracy", "rouge": "rougeL", "bleu": "bleu"}
 
@@ -62,12 +63,10 @@ def placeholders(template: str) -> list[str]:
     return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
 
 
-def _text(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (list, tuple)):
-        return " ".join(_text(x) for x in v)
-    return str(v)
+def references(v) -> list[str]:
+    """A response cell (a string, or a list of references) as its non-empty, stripped references."""
+    rs = [cell_text(x) for x in v] if isinstance(v, (list, tuple)) else [cell_text(v)]
+    return [r.strip() for r in rs if r.strip()]
 
 
 def builtin_rows(name: str):
@@ -128,6 +127,16 @@ class GenerationTask(Task):
     """Shared data, references, generation and metrics; subclasses encode and generate."""
 
     head_names = ()
+    model_kind: ClassVar[str]  # the peftkit.arch kind of backbone this task trains
+
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        problems = super().check(recipe)
+        found = arch.kind_of(recipe.model.name)
+        if found is not None and found != cls.model_kind:
+            problems.append(f"task '{cls.kind}' needs a {cls.model_kind} model, but model.name={recipe.model.name} "
+                            f"is {'an' if found == 'encoder' else 'a'} {found} ({arch.model_type_of(recipe.model.name)})")
+        return problems
 
     def __init__(self, cfg: GenerationConfig, tokenizer):
         super().__init__(cfg, tokenizer)
@@ -136,29 +145,37 @@ class GenerationTask(Task):
         if self.eos_id is None:
             raise DataError("model.name: the tokenizer has no eos (or sep) token to end a response with")
 
+    def load_builtin(self, name: str):
+        return builtin_rows(name)
+
+    def columns(self) -> list[str]:
+        return placeholders(self.cfg.prompt) + [self.cfg.response_column]
+
+    def bad_row(self, row: dict) -> str | None:
+        return None if references(row[self.cfg.response_column]) else f"empty '{self.cfg.response_column}'"
+
     def rows(self) -> dict[str, tuple[list[str], list[list[str]]]]:
         """Per split: prompts and references (the first reference is the training target)."""
-        c = self.cfg
-        out = {}
-        cols = placeholders(c.prompt)
-        for split, ds in load_splits(c.data, builtin_loader=builtin_rows).items():
-            where = f"task.data.{split}" + (f" ({c.data.path(split)})" if c.data.path(split) else "")
-            require_columns(ds, cols + [c.response_column], where)
-            values = {k: ds[k] for k in cols}
-            prompts = [self.prompt_text({k: values[k][i] for k in cols}) for i in range(len(ds))]
-            refs = []
-            for i, v in enumerate(ds[c.response_column]):
-                rs = [_text(x) for x in v] if isinstance(v, (list, tuple)) else [_text(v)]
-                rs = [r.strip() for r in rs if r.strip()]
-                if not rs:
-                    raise DataError(f"{where}: row {i + 1}: empty '{c.response_column}'")
-                refs.append(rs)
-            out[split] = (prompts, refs)
-        return out
+        return {split: self.prompts_refs(ds) for split, ds in self.raw_splits().items()}
+
+    def prompts_refs(self, ds) -> tuple[list[str], list[list[str]]]:
+        cols = placeholders(self.cfg.prompt)
+        values = {k: ds[k] for k in cols}
+        prompts = [self.prompt_text({k: values[k][i] for k in cols}) for i in range(len(ds))]
+        return prompts, [references(v) for v in ds[self.cfg.response_column]]
+
+    def encode_split(self, split: str, ds):
+        import datasets
+
+        return datasets.Dataset.from_dict(self.encode_rows(split, *self.prompts_refs(ds)))
+
+    def encode_rows(self, split: str, prompts: list[str], refs: list[list[str]]) -> dict[str, list]:
+        """Columns of one tokenized split (adds to ``self.truncated``)."""
+        raise NotImplementedError
 
     def prompt_text(self, row: dict) -> str:
         """The template filled with a row's columns (a list value joined with spaces)."""
-        return self.cfg.prompt.format_map({k: _text(row[k]) for k in placeholders(self.cfg.prompt)})
+        return self.cfg.prompt.format_map({k: cell_text(row[k]) for k in placeholders(self.cfg.prompt)})
 
     def target_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
@@ -189,8 +206,38 @@ class GenerationTask(Task):
         m["generated_words_mean"] = sum(len(p["text"].split()) for p in preds) / max(1, len(preds))
         return m
 
+    # -- prediction ---------------------------------------------------------------------
+    def predict_prompt(self, x) -> str:
+        """One input (a text for a one-placeholder template, or an object of its columns) as a prompt."""
+        cols = placeholders(self.cfg.prompt)
+        if isinstance(x, str):
+            if len(cols) != 1:
+                raise UserError(f"predict: the prompt template {self.cfg.prompt!r} has {len(cols)} placeholders; "
+                                "give each input as a JSON object of its columns (--json-input)")
+            x = {cols[0]: x}
+        if not isinstance(x, dict):
+            raise UserError(f"predict: {self.kind} takes a text or an object of the template's columns, "
+                            f"not {type(x).__name__}")
+        missing = [c for c in cols if c not in x]
+        if missing:
+            raise UserError(f"predict: input {json.dumps(x)[:80]} lacks column(s) {', '.join(missing)} "
+                            f"of the prompt template {self.cfg.prompt!r}")
+        return self.prompt_text(x)
+
+    @torch.no_grad()
+    def predict(self, model, inputs, batch_size, max_length=None, max_new_tokens: int | None = None):
+        """Greedy continuations, the prompts built exactly as evaluation builds them."""
+        task = self
+        if max_new_tokens is not None:
+            task = type(self)(self.cfg.model_copy(update={"max_new_tokens": max_new_tokens}), self.tokenizer)
+        prompts = [task.predict_prompt(x) for x in inputs]
+        out = []
+        for k in range(0, len(prompts), batch_size):
+            batch = to_device(model, task.prompt_batch(prompts[k : k + batch_size]))
+            out += [{"text": t} for t in task.generate(model, **batch)]
+        return out
+
     def info(self):
         c = self.cfg
         return {"metric": c.metric, "primary_metric": self.primary_metric, "prompt": c.prompt,
-                "max_length": c.max_length, "max_new_tokens": c.max_new_tokens,
-                "truncated_examples": self.truncated}
+                "max_new_tokens": c.max_new_tokens, **super().info()}

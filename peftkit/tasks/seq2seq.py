@@ -20,6 +20,7 @@ class Seq2SeqConfig(GenerationConfig):
 
 class Seq2Seq(GenerationTask):
     kind = "seq2seq"
+    model_kind = "seq2seq"
     Config = Seq2SeqConfig
 
     @classmethod
@@ -38,25 +39,21 @@ class Seq2Seq(GenerationTask):
 
         return AutoModelForSeq2SeqLM
 
-    def datasets(self) -> dict:
-        import datasets
+    def encode_rows(self, split, prompts, refs):
+        src, cut = self.source_ids(prompts)
+        self.truncated += cut
+        tgt = [self.target_ids(rs[0]) for rs in refs]
+        cols = {"input_ids": src, "labels": tgt, "length": [len(s) + len(t) for s, t in zip(src, tgt)]}
+        if split != "train":
+            cols["refs"] = refs
+        return cols
 
-        out = {}
-        for split, (prompts, refs) in self.rows().items():
-            src = self.source_ids(prompts)
-            tgt = [self.target_ids(rs[0]) for rs in refs]
-            cols = {"input_ids": src, "labels": tgt, "length": [len(s) + len(t) for s, t in zip(src, tgt)]}
-            if split != "train":
-                cols["refs"] = refs
-            out[split] = datasets.Dataset.from_dict(cols)
-        return out
-
-    def source_ids(self, prompts: list[str]) -> list[list[int]]:
-        """Encoder inputs: prompts cut at the end to leave ``max_target_length`` of ``max_length``."""
+    def source_ids(self, prompts: list[str]) -> tuple[list[list[int]], int]:
+        """Encoder inputs, prompts cut at the end to leave ``max_target_length`` of ``max_length``;
+        and how many were cut."""
         src_len = self.cfg.max_length - self.cfg.max_target_length
-        full = self.tokenizer(prompts)["input_ids"]
-        self.truncated += sum(len(f) > src_len for f in full)
-        return self.tokenizer(prompts, truncation=True, max_length=src_len)["input_ids"]
+        cut = sum(len(f) > src_len for f in self.tokenizer(prompts)["input_ids"])
+        return self.tokenizer(prompts, truncation=True, max_length=src_len)["input_ids"], cut
 
     def collate(self, features):
         ids = [f["input_ids"] for f in features]
@@ -79,7 +76,7 @@ class Seq2Seq(GenerationTask):
 
     def prompt_batch(self, prompts: list[str]) -> dict:
         """Encoder inputs as in evaluation, right-padded."""
-        ids = self.source_ids(prompts)
+        ids, _ = self.source_ids(prompts)
         return {"input_ids": pad(ids, self.tokenizer.pad_token_id), "attention_mask": pad([[1] * len(x) for x in ids], 0)}
 
     def generate(self, model, input_ids, attention_mask) -> list[str]:

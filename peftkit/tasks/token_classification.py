@@ -12,9 +12,8 @@ from typing import Literal
 
 import torch
 
-from ..errors import DataError
-from .base import Task, TaskConfig, require_columns
-from .data import load_splits
+from ..errors import DataError, UserError
+from .base import Task, TaskConfig, to_device
 
 
 class TokenClassificationConfig(TaskConfig):
@@ -44,10 +43,7 @@ class TokenClassification(Task):
     Config = TokenClassificationConfig
     head_names = ("classifier", "score")
     primary_metric = "f1"
-
-    def __init__(self, cfg: TokenClassificationConfig, tokenizer):
-        super().__init__(cfg, tokenizer)
-        self.labels: list[str] | None = cfg.labels
+    labelled = True
 
     @classmethod
     def check(cls, recipe) -> list[str]:
@@ -60,65 +56,51 @@ class TokenClassification(Task):
 
         return AutoModelForTokenClassification
 
-    def raw_splits(self) -> dict:
-        if self._raw is None:
-            c = self.cfg
-            self._raw = load_splits(c.data)
-            for split, ds in self._raw.items():
-                require_columns(ds, [c.tokens_column, c.tags_column], self._where(split))
-            if self.labels is None:
-                # All splits: a tag missing from a (sub-sampled) train split is still a class.
-                self.labels = _sort_tags({t for ds in self._raw.values() for row in ds[c.tags_column] for t in row})
-        return self._raw
+    def columns(self) -> list[str]:
+        return [self.cfg.tokens_column, self.cfg.tags_column]
 
-    def _where(self, split: str) -> str:
-        p = self.cfg.data.path(split)
-        return f"task.data.{split}" + (f" ({p})" if p else "")
+    def infer_labels(self, raw: dict) -> list[str]:
+        # All splits: a tag missing from a (sub-sampled) train split is still a class.
+        return _sort_tags({t for ds in raw.values() for row in ds[self.cfg.tags_column] for t in row})
 
-    def model_kwargs(self):
-        self.raw_splits()
-        return dict(num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
-                    label2id={n: i for i, n in enumerate(self.labels)})
+    def _rows(self, split: str, ds) -> tuple[list[list[str]], list[list[int]]]:
+        c, where = self.cfg, self.where(split)
+        label2id = {n: i for i, n in enumerate(self.labels)}
+        words, tag_ids = [], []
+        for row, (toks, tags) in enumerate(zip(ds[c.tokens_column], ds[c.tags_column])):
+            if not isinstance(toks, list) or not isinstance(tags, list) or len(toks) != len(tags):
+                raise DataError(f"{where}: row {row + 1}: '{c.tokens_column}' and '{c.tags_column}' "
+                                "must be lists of the same length")
+            unknown = [t for t in tags if t not in label2id]
+            if unknown:
+                raise DataError(f"{where}: row {row + 1}: tag {unknown[0]!r} not in the tag set {self.labels}")
+            words.append([str(w) for w in toks])
+            tag_ids.append([label2id[t] for t in tags])
+        return words, tag_ids
 
-    def datasets(self) -> dict:
+    def encode_split(self, split: str, ds):
         import datasets
 
-        c = self.cfg
-        raw = self.raw_splits()
         if not getattr(self.tokenizer, "is_fast", False):
             raise DataError("token_classification needs a fast tokenizer (word_ids() aligns tags to sub-words)")
-        label2id = {n: i for i, n in enumerate(self.labels)}
-        out = {}
-        for split, ds in raw.items():
-            where = self._where(split)
-            words, tag_ids = [], []
-            for row, (toks, tags) in enumerate(zip(ds[c.tokens_column], ds[c.tags_column])):
-                if not isinstance(toks, list) or not isinstance(tags, list) or len(toks) != len(tags):
-                    raise DataError(f"{where}: row {row + 1}: '{c.tokens_column}' and '{c.tags_column}' "
-                                    "must be lists of the same length")
-                unknown = [t for t in tags if t not in label2id]
-                if unknown:
-                    raise DataError(f"{where}: row {row + 1}: tag {unknown[0]!r} not in the tag set {self.labels}")
-                words.append([str(w) for w in toks])
-                tag_ids.append([label2id[t] for t in tags])
-            enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=c.max_length)
-            labels, tails = [], []
-            for i, tags in enumerate(tag_ids):
-                lab = [-100] * len(enc["input_ids"][i])
-                firsts = first_subwords(enc.word_ids(i))
-                for j, w in firsts:
-                    lab[j] = tags[w]
-                seen = firsts[-1][1] + 1 if firsts else 0
-                tails.append(tags[seen:])  # words lost to truncation
-                self.truncated += seen < len(tags)
-                labels.append(lab)
-            cols = dict(enc)
-            cols["labels"] = labels
-            cols["length"] = [len(x) for x in enc["input_ids"]]
-            if split != "train":
-                cols["tail"] = tails
-            out[split] = datasets.Dataset.from_dict(cols)
-        return out
+        words, tag_ids = self._rows(split, ds)
+        enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.cfg.max_length)
+        labels, tails = [], []
+        for i, tags in enumerate(tag_ids):
+            lab = [-100] * len(enc["input_ids"][i])
+            firsts = first_subwords(enc.word_ids(i))
+            for j, w in firsts:
+                lab[j] = tags[w]
+            seen = firsts[-1][1] + 1 if firsts else 0
+            tails.append(tags[seen:])  # words lost to truncation
+            self.truncated += seen < len(tags)
+            labels.append(lab)
+        cols = dict(enc)
+        cols["labels"] = labels
+        cols["length"] = [len(x) for x in enc["input_ids"]]
+        if split != "train":
+            cols["tail"] = tails
+        return datasets.Dataset.from_dict(cols)
 
     def collate(self, features):
         from transformers import DataCollatorForTokenClassification
@@ -134,10 +116,11 @@ class TokenClassification(Task):
     def eval_step(self, model, batch):
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "tail")}
         pred = model(**inputs).logits.argmax(-1).tolist()
+        labels = batch["labels"].tolist()
+        tails = batch.get("tail") or [[] for _ in labels]  # one (empty) tail per example
         preds, refs = [], []
-        for i, lab in enumerate(batch["labels"].tolist()):
+        for i, (lab, tail) in enumerate(zip(labels, tails)):
             keep = [j for j, y in enumerate(lab) if y != -100]
-            tail = batch.get("tail", [[]] * len(lab))[i]
             preds.append([self.labels[pred[i][j]] for j in keep] + ["O"] * len(tail))
             refs.append([self.labels[lab[j]] for j in keep] + [self.labels[t] for t in tail])
         return preds, refs
@@ -160,5 +143,38 @@ class TokenClassification(Task):
                           f"{typ}_f1": float(r["f1-score"])})
         return m
 
-    def info(self):
-        return {"labels": self.labels, "truncated_examples": self.truncated, "max_length": self.cfg.max_length}
+    @torch.no_grad()
+    def predict(self, model, inputs, batch_size, max_length=None):
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        id2label = model.config.id2label
+        words_of = [_words(x) for x in inputs]
+        out = []
+        for k in range(0, len(words_of), batch_size):
+            chunk = words_of[k : k + batch_size]
+            # An empty input still gets a row (special tokens only) so rows and inputs stay aligned.
+            enc = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=max_length,
+                                 padding=True, return_tensors="pt")
+            probs = model(**to_device(model, enc)).logits.float().softmax(-1)  # [B, T, labels]
+            score, idx = (t.tolist() for t in probs.max(-1))
+            for i, words in enumerate(chunk):
+                tags, scores = ["O"] * len(words), [0.0] * len(words)
+                firsts = first_subwords(enc.word_ids(i))
+                for j, w in firsts:
+                    tags[w], scores[w] = id2label[idx[i][j]], score[i][j]
+                ents = [{"type": typ, "words": words[a : b + 1], "start": a, "end": b + 1,
+                         "score": sum(scores[a : b + 1]) / (b + 1 - a)} for typ, a, b in get_entities(tags)]
+                row = {"words": words, "tags": tags, "entities": ents}
+                seen = firsts[-1][1] + 1 if firsts else 0
+                if seen < len(words):
+                    row["truncated_words"] = len(words) - seen
+                out.append(row)
+        return out
+
+
+def _words(x) -> list[str]:
+    if isinstance(x, str):
+        return x.split()
+    if isinstance(x, (list, tuple)) and all(isinstance(w, str) for w in x):
+        return list(x)
+    raise UserError(f"predict: token_classification takes a text or a list of words, not {type(x).__name__}")

@@ -1,0 +1,113 @@
+"""Golden losses: every strategy, a tiny random-weight BERT, exact per-step numbers pinned.
+
+A silent change to training (data order, loss scaling, accumulation, scheduler, a strategy's
+initialisation) changes these numbers and fails here. Regenerate only on purpose:
+``PEFTKIT_GOLDEN=print python -m pytest tests/test_golden_loss.py -s`` prints the new table.
+
+Tolerance: fp32 on CPU is deterministic on one machine, but oneDNN/ATen pick different
+kernels on AVX2, AVX-512 and AMX CPUs (blocking and reduction order of matmuls), which
+changes the last bits of a sum; over a few steps of training such differences stay around
+1e-7 relative, so 1e-5 relative is far above that noise and far below any real change (a
+different batch, a missing scale of a short accumulation group or a different LR moves a
+loss by 1e-3 or more).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, _tokenizer, tiny_recipe
+from peftkit import recipe as R
+from peftkit import strategies
+
+REL = 1e-5
+# 96 rows / batch 8 = 12 micro-batches per epoch; grad_accum 5 -> steps of 5, 5 and a short
+# group of 2 micro-batches at the epoch's end; step 4 opens epoch 1. No warm-up: a first step at LR 0 would pin nothing.
+TRAIN = {"max_steps": 4, "grad_accum": 5, "log_every": 1, "warmup_ratio": 0.0, "lr": 1e-2,
+         "precision": "fp32", "seed": 0, "checkpoint_every": None}
+
+# strategy -> [(loss, lr) per step] from log.jsonl, the final eval metrics, the train loss.
+GOLDEN: dict[str, dict] = {
+    "adapter": {
+        "steps": [(0.706707215309143, 0.0075), (0.6983668088912964, 0.005),
+                  (0.7100881338119507, 0.0025), (0.6838810682296753, 0.0)],
+        "eval": {"accuracy": 0.375, "macro_f1": 0.2727272727272727, "examples": 32}, "train_loss": 0.6838810682296753},
+    "bitfit": {
+        "steps": [(0.706707215309143, 0.0075), (0.6980082392692566, 0.005),
+                  (0.713409036397934, 0.0025), (0.6778688609600068, 0.0)],
+        "eval": {"accuracy": 0.40625, "macro_f1": 0.28888888888888886, "examples": 32}, "train_loss": 0.6778688609600068},
+    "freeze": {
+        "steps": [(0.706707215309143, 0.0075), (0.8088866591453552, 0.005),
+                  (2.374028503894806, 0.0025), (1.2861767835915088, 0.0)],
+        "eval": {"accuracy": 0.5625, "macro_f1": 0.36, "examples": 32}, "train_loss": 1.2861767835915088},
+    "full": {
+        "steps": [(0.706707215309143, 0.0075), (0.8066193580627441, 0.005),
+                  (2.405869424343109, 0.0025), (1.2497147291898727, 0.0)],
+        "eval": {"accuracy": 0.5625, "macro_f1": 0.36, "examples": 32}, "train_loss": 1.2497147291898727},
+    "ia3": {
+        "steps": [(0.706707215309143, 0.0075), (0.6985536217689514, 0.005),
+                  (0.7142284214496613, 0.0025), (0.6862840414047241, 0.0)],
+        "eval": {"accuracy": 0.46875, "macro_f1": 0.4420512820512821, "examples": 32}, "train_loss": 0.6862840414047241},
+    "lora": {
+        "steps": [(0.706707215309143, 0.0075), (0.7021862745285035, 0.005),
+                  (0.7490619421005249, 0.0025), (0.6170841872692108, 0.0)],
+        "eval": {"accuracy": 0.4375, "macro_f1": 0.34545454545454546, "examples": 32}, "train_loss": 0.6170841872692108},
+    "prefix": {
+        "steps": [(0.7317774891853333, 0.0075), (0.7022546291351318, 0.005),
+                  (0.6947486698627472, 0.0025), (0.6694670438766479, 0.0)],
+        "eval": {"accuracy": 0.4375, "macro_f1": 0.30434782608695654, "examples": 32}, "train_loss": 0.6694670438766479},
+    "qlora": {
+        "steps": [(0.7237270474433899, 0.0075), (0.8126542448997498, 0.005),
+                  (0.6970075964927673, 0.0025), (0.675628411769867, 0.0)],
+        "eval": {"accuracy": 0.4375, "macro_f1": 0.30434782608695654, "examples": 32}, "train_loss": 0.675628411769867},
+}
+
+
+@pytest.fixture(scope="module")
+def bert64(tmp_path_factory):
+    """Tiny BERT, hidden 64: bitsandbytes' CPU 4-bit kernel needs >= 64 input features (qlora)."""
+    from transformers import AutoModel
+
+    d = tmp_path_factory.mktemp("golden-bert64")
+    torch.manual_seed(0)
+    cfg = TINY["bert"]()
+    cfg.hidden_size, cfg.intermediate_size = 64, 128
+    cfg.initializer_range = 0.1  # 0.02 gives near-constant outputs: every strategy would look alike
+    AutoModel.from_config(cfg).save_pretrained(d)
+    _tokenizer("bert").save_pretrained(d)
+    return d
+
+
+def run(model_dir, data_dir, strategy: str, out) -> dict:
+    from peftkit.build import build
+    from peftkit.trainer import Trainer
+
+    rec = tiny_recipe(model_dir, data_dir, strategy, **TRAIN)
+    rec["model"]["compute_dtype"] = "fp32"
+    rec["output"] = {"report_to": []}
+    b = build(R.from_dict(rec))
+    for m in b.model.modules():  # qlora: the AVX-512-bf16 packed kernel (eval mode) exists on some CPUs only
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    res = Trainer(b, out).fit()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    steps = [(x["loss"], x["lr"]) for x in log if "loss" in x]
+    ev = {k: v for k, v in res["metrics"]["eval"].items() if k not in ("eval_s", "eval_samples_per_s")}
+    return {"steps": steps, "eval": ev, "train_loss": res["metrics"]["train_loss"]}
+
+
+@pytest.mark.parametrize("strategy", sorted(strategies.REGISTRY))
+def test_golden_losses(strategy, bert64, sentiment_dir, tmp_path):
+    got = run(bert64, sentiment_dir, strategy, tmp_path / strategy)
+    if os.environ.get("PEFTKIT_GOLDEN") == "print":
+        print(f"\n    {strategy!r}: {got!r},")
+        return
+    want = GOLDEN[strategy]
+    assert [s for s, _ in got["steps"]] == pytest.approx([s for s, _ in want["steps"]], rel=REL)
+    assert [lr for _, lr in got["steps"]] == pytest.approx([lr for _, lr in want["steps"]], rel=1e-12)
+    assert got["eval"] == pytest.approx(want["eval"], rel=REL)
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=REL)
