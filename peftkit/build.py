@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backbone, strategies, tasks
+from . import backbone, hardware, strategies, tasks
 from .recipe import Recipe
 
 
@@ -31,7 +31,7 @@ def build(recipe: Recipe, apply_strategy: bool = True) -> Built:
     set_seed(recipe.train.seed)
     tokenizer = backbone.load_tokenizer(recipe.model)
     task = tasks.get(recipe.task, tokenizer)
-    loaded = backbone.load(recipe.model, task, tokenizer)
+    loaded = backbone.load(hardware.pinned(recipe).model, task, tokenizer)  # compute_dtype auto resolved
     strategy = strategies.get(recipe.strategy)
     head = task.head(loaded.model)
     model = strategy.apply(loaded.model, head) if apply_strategy else loaded.model

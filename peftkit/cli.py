@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_report)
 
     v = sub.add_parser("validate", help="check recipes without loading weights")
-    v.add_argument("recipes", nargs="+")
+    v.add_argument("recipes", nargs="+", help="recipe files, then dotted overrides (KEY=VALUE) for every one")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
     v.add_argument("--print-config", action="store_true", help="print each resolved recipe")
     v.set_defaults(fn=cmd_validate)
@@ -265,9 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but KEY=VALUE overrides may come anywhere (also after --out)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.cmd == "validate":  # validate R1 R2 k=v: an argument with '=' is an override, not a file
+        args.set += [a for a in args.recipes if "=" in a]
+        args.recipes = [a for a in args.recipes if "=" not in a]
+        if not args.recipes:
+            parser.error("validate: no recipe file given")
+    where = "set" if args.cmd == "validate" else "overrides"
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, where)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:  # the recipe's parser names a malformed one (e.g. no '=') in one line
+        setattr(args, where, getattr(args, where) + extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.fn(args)
     except UserError as e:

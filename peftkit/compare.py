@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from . import hardware
 from . import recipe as R
 from .config import Section
 from .errors import RecipeError
@@ -36,8 +37,8 @@ from .search import SearchConfig
 
 SCHEMA = "peftkit.compare/1"
 # Keys every variant must share: same data, same order, same budget, same evaluation.
-SHARED = ("task", "train.seed", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum",
-          "train.group_by_length", "train.eval_split", "train.eval_every")
+SHARED = ("task", "train.seed", "train.precision", "train.epochs", "train.max_steps", "train.batch_size",
+          "train.grad_accum", "train.group_by_length", "train.eval_split", "train.eval_every")
 
 
 class Variant(Section):
@@ -91,8 +92,9 @@ def _get(d: dict, dotted: str):
 
 
 class Run:
-    def __init__(self, variant: str, seed: int, recipe: R.Recipe, out: Path):
+    def __init__(self, variant: str, seed: int, recipe: R.Recipe, out: Path, requested_precision: str = "auto"):
         self.variant, self.seed, self.recipe = variant, seed, recipe
+        self.requested_precision = requested_precision
         self.dir = out / variant / f"seed{seed}"
         self.hash = recipe.hash()
 
@@ -139,6 +141,8 @@ def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) 
                 rec = R.from_dict(R.apply_overrides(base, ovr), f"{path} variant '{v.name}'")
             except RecipeError as e:
                 raise RecipeError(str(e)) from None
+            # Precision is part of the shared budget: resolved once (per process) and pinned.
+            requested, rec = rec.train.precision, hardware.pin_precision(rec)
             d = rec.to_dict()
             for key in SHARED:
                 ref = first.setdefault((seed, key), (v.name, _get(d, key)))
@@ -148,7 +152,7 @@ def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) 
                         f"{path}: variant '{v.name}': {diff[0]}={diff[1]!r} differs from variant '{ref[0]}' "
                         f"({diff[2]!r}); a comparison needs the same data, order, budget and evaluation: "
                         f"set it in the top-level 'set'")
-            runs.append(Run(v.name, seed, rec, out))
+            runs.append(Run(v.name, seed, rec, out, requested))
     return runs
 
 
@@ -190,6 +194,7 @@ def write_plan(out: Path, path, runs: list[Run]) -> None:
     atomic_write_json(out / "compare.json", {
         "schema": SCHEMA, "compare_recipe": str(path),
         "variants": list(dict.fromkeys(r.variant for r in runs)),
+        "precision": hardware.resolve(runs[0].requested_precision).record(),
         "runs": [{"variant": r.variant, "seed": r.seed, "dir": str(r.dir.relative_to(out)),
                   "recipe_hash": r.hash, "strategy": r.recipe.strategy.name} for r in runs]})
 

@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from . import backbone, fakes, memory, strategies, tasks
+from . import backbone, fakes, hardware, memory, strategies, tasks
 from .errors import UserError
 from .memory import rel_error  # noqa: F401  (re-exported: estimate.rel_error)
 
@@ -149,6 +149,7 @@ class Estimator:
     """
 
     def __init__(self, recipe, device: str | None = None, task=None, tokenizer=None):
+        recipe = hardware.pinned(recipe)  # precision/compute_dtype auto: what this machine runs
         self.recipe, self.target = recipe, device or "cpu"
         config = _config(recipe.model)
         self.config = config

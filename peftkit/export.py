@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import strategies
+from . import hardware, strategies
 from .backbone import DTYPES
 from .errors import UserError
 from .io import atomic_dir, atomic_write_json, atomic_write_text, save_safetensors
@@ -142,7 +142,7 @@ def precision_of(recipe, dtype: str, merged: bool, device: torch.device) -> str:
         return "fp32"  # the same model rebuilt: identical arithmetic
     precs = [dtype, recipe.model.dtype]
     if recipe.model.quantization != "none":
-        precs.append(recipe.model.compute_dtype)
+        precs.append(hardware.compute_dtype(recipe))
         if device.type == "cpu":
             precs.append("bf16")  # bitsandbytes' CPU 4-bit inference kernel computes in bf16
     return min(precs, key=_RANK.index)

@@ -28,7 +28,7 @@ class ModelConfig(Section):
     quantization: Literal["none", "4bit", "8bit"] | None = None  # None: what the strategy needs
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # 4-bit layers; auto: train.precision's (hardware.py)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -45,7 +45,8 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast for the forward/backward
+    # autocast for the forward/backward; auto: bf16 where native, fp16 on CUDA without, else fp32 (hardware.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # fused: one kernel per parameter; on CPU ~3.7x faster per step than foreach (MiniLM, full).
     # adamw8bit / paged_adamw8bit: bitsandbytes' blockwise 8-bit state (paged: CUDA unified memory).
     optimizer: Literal["adamw", "adamw_foreach", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw_fused"

@@ -55,7 +55,25 @@ def _row(res: dict, variant: str, seed) -> dict:
         "wall_s": speed.get("wall_s"),
         "metric_name": name, "metric": value,
         "device": (res.get("env") or {}).get("device"),
+        "precision": res["run"].get("precision"),  # hardware.Precision.record(): requested, resolved, reason
     }
+
+
+def precision_used(rows: list[dict], planned: dict | None = None) -> str | None:
+    """One line: the precision every run trained in (compare pins one; ``planned``: how it resolved)."""
+    ran = [r for r in rows if r.get("precision")]
+    got = {r["precision"]["resolved"] for r in ran} | ({planned["resolved"]} if planned else set())
+    if len(got) > 1:
+        return "mixed: " + ", ".join(f"{r['variant']} {r['precision']['resolved']}" for r in ran)
+    rec = planned or (ran[0]["precision"] if ran else None)
+    return f"{rec['resolved']} (requested {rec['requested']}: {rec['reason']})" if rec else None
+
+
+def _planned_precision(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "compare.json").read_text()).get("precision")
+    except (OSError, ValueError):
+        return None
 
 
 def collect(out: Path) -> tuple[list[dict], list[dict], list[str]]:
@@ -155,14 +173,14 @@ def cells(a: dict) -> list[str]:
     ]
 
 
-def markdown(aggs: list[dict], failed: list[dict], title: str) -> str:
+def markdown(aggs: list[dict], failed: list[dict], title: str, precision: str | None = None) -> str:
     metric = aggs[0]["metric_name"] if aggs else "metric"
     cols = [c.replace("METRIC", metric) for c in COLUMNS]
     lines = [f"# {title}", ""]
     if aggs:
         seeds = max(len(a["seeds"]) for a in aggs)
         cpu = aggs[0]["measured_method"] != "cuda"
-        lines += [f"Device: {aggs[0]['device']}; seeds per variant: {seeds}; "
+        lines += [f"Device: {aggs[0]['device']}; precision: {precision or 'not recorded'}; seeds per variant: {seeds}; "
                   + ("ratios are relative to `full`." if any(a["vs_full"] for a in aggs) else "no `full` run to compare with."),
                   "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(cells(a)) + " |" for a in aggs]
@@ -273,13 +291,13 @@ def report(out: str | Path, echo=print) -> dict:
     aggs = aggregate(rows, order)
     title = f"peftkit comparison: {out.name}"
     data = {"schema": SCHEMA, "title": title, "baseline": BASELINE if any(a["vs_full"] for a in aggs) else None,
-            "variants": aggs, "runs": rows, "failed": failed}
+            "variants": aggs, "runs": rows, "failed": failed, "precision": precision_used(rows, _planned_precision(out))}
     atomic_write_json(out / "report.json", data)
     cpu = bool(aggs) and aggs[0]["measured_method"] != "cuda"
     mem_label = "peak memory (MiB, measured live peak)" if cpu else "peak memory (MiB, max allocated)"
     plot(aggs, "peak_bytes", mem_label, out / "accuracy_vs_memory.png", True, 2**20)
     plot(aggs, "tokens_per_s", "throughput (training tokens/s)", out / "accuracy_vs_speed.png", False)
-    atomic_write_text(out / "report.md", markdown(aggs, failed, title))
+    atomic_write_text(out / "report.md", markdown(aggs, failed, title, data["precision"]))
     from .report_html import write as write_html  # report.html: same data, one self-contained page
 
     write_html(out, data)

@@ -7,7 +7,7 @@ import time
 import torch
 
 from . import distributed as dist
-from . import measure, memory, provenance
+from . import hardware, measure, memory, provenance
 
 SCHEMA = "peftkit.result/1"
 
@@ -32,6 +32,7 @@ def build(run, final: dict, rss, wall_s: float, artifact: dict, estimate_at_meas
             "seed": tc.seed,
             "recipe_hash": b.recipe.hash(),
             "recipe": b.recipe.to_dict(),
+            "precision": hardware.resolve(tc.precision).record(),  # cached: what the trainer resolved
             "world_size": acc.num_processes,
             "distributed_type": str(acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

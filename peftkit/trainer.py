@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from . import flops, measure, memory, packing
+from . import flops, hardware, measure, memory, packing
 from . import result as R
 from .build import Built
 from .optim import make_optimizer
@@ -63,13 +63,6 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     return [idx[k : k + batch_size] for k in range(0, n, batch_size)]
 
 
-def mixed_precision(tc) -> str:
-    """accelerate's ``mixed_precision`` for ``train.precision`` (resolved once, at construction)."""
-    if tc.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU")
-    return "no" if tc.precision == "fp32" else tc.precision
-
-
 @dataclass
 class Run:
     """Everything one ``fit`` works with, made by ``Trainer._setup``."""
@@ -105,14 +98,17 @@ class Trainer:
         self.tc = built.recipe.train
         self.run_dir = Path(run_dir)
         self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
+        self.precision = hardware.for_run(built.recipe, warn)  # auto -> bf16/fp16/fp32 for this machine
+        self.tc = self.tc.model_copy(update={"precision": self.precision.resolved})
         self.track = Tracking(built.recipe, self.run_dir)  # experiment trackers (output.report_to)
         self.acc = Accelerator(
             **self.track.accelerator_kwargs(),
-            mixed_precision=mixed_precision(self.tc),
+            mixed_precision=self.precision.mixed_precision,
             gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
             cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
             dataloader_config=dist.dataloader_config(),
         )
+        self.acc.print(f"[peftkit] {self.precision.line()}")
         set_seed(self.tc.seed)
         dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
         if note := dist.requested_but_not_used(self.acc):

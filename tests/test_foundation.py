@@ -66,6 +66,12 @@ def test_cli_train_real_minilm_few_rows(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "trainable 22,713,986 / 22,713,986" in p.stdout
     res = json.loads((out / "result.json").read_text())
+    from peftkit import hardware
+
+    # precision auto (the quickstart's): resolved for this machine, said first and recorded
+    prec = res["run"]["precision"]
+    assert prec["requested"] == "auto" and prec["resolved"] == hardware.resolve("auto").resolved and prec["reason"]
+    assert p.stdout.splitlines()[0].startswith(f"[peftkit] precision {prec['resolved']} (requested auto: ")
     assert res["run"]["strategy"] == "full" and res["run"]["model"]["attn_implementation"] == "sdpa"
     assert res["params"]["trainable"] == res["params"]["total"]
     assert res["speed"]["train_samples_per_s"] > 0 and res["speed"]["train_tokens_per_s"] > 0

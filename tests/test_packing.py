@@ -57,11 +57,12 @@ def test_trainer_padding_free_trains_like_padded(tiny_models, instr_dir, tmp_pat
 
     from peftkit.trainer import Trainer
 
-    weights = {}
+    start, weights = {}, {}
     try:
         for pf in (False, True):
             built = _build(tiny_models, instr_dir, max_steps=3, batch_size=8, padding_free=pf, lr=1e-2)
-            assert built.task.kind == "causal_lm"
+            assert built.task.kind == "causal_lm" and built.recipe.train.precision == "fp32"
+            start[pf] = {k: v.clone() for k, v in built.strategy.state_dict(built.model).items()}
             res = Trainer(built, tmp_path / f"pf{pf}").fit()
             assert res["speed"]["steps"] == 3
             weights[pf] = {k: v.clone() for k, v in built.strategy.state_dict(built.model).items()}
@@ -69,5 +70,14 @@ def test_trainer_padding_free_trains_like_padded(tiny_models, instr_dir, tmp_pat
         AcceleratorState._reset_state(True)
     assert weights[True].keys() == weights[False].keys()
     for k in weights[True]:
-        assert torch.allclose(weights[True][k], weights[False][k], atol=1e-5), k
+        assert torch.equal(start[True][k], start[False][k]), k
+        # fp32, but padded and padding-free batches are different matmul shapes, so BLAS sums
+        # in a different order (which order depends on the CPU's kernels: AVX2 vs AVX-512/AMX).
+        # Adam divides by sqrt(v): an element whose gradient is ~eps (1e-8) turns that rounding
+        # into a visible part of lr (seen on an AVX2 EPYC: 1 of 256 lora_A elements 1.3e-5 off,
+        # every other one < 4e-7). So: per tensor, the runs differ by < 1e-3 of how far training
+        # moved it; a real difference (sequences attending across boundaries) is of order 1.
+        moved = (weights[False][k] - start[False][k]).norm()
+        diff = (weights[True][k] - weights[False][k]).norm()
+        assert diff <= 1e-3 * moved, (k, diff.item(), moved.item())
     assert any(weights[True][k].abs().sum() > 0 for k in weights[True] if "lora_B" in k)  # it did train
