@@ -61,7 +61,7 @@ def worker(spec: dict) -> dict:
         "strategy": {"name": spec["strategy"], **({"r": 8, "alpha": 16} if spec["strategy"] == "lora" else {})},
         "train": {"seed": spec["seed"], "epochs": 1, "batch_size": 32, "lr": spec["lr"], "precision": "fp32",
                   "progress": False, "checkpoint_every": None},
-        "output": {"save_weights": False, "tensorboard": False},
+        "output": {"save_weights": False, "report_to": []},
     })
     built = build(rec, apply_strategy=False)
     if spec["head"] == "mean":

@@ -35,7 +35,7 @@ def in_process(runs: list[Run], timeout=None, record=None):
 def write_compare(tmp_path, tiny_models, sentiment_dir, lrs, max_steps=8, seeds=(0,)):
     base = tiny_recipe(tiny_models["bert"], sentiment_dir, "lora", max_steps=max_steps, log_every=1,
                        checkpoint_every=None)
-    base["output"] = {"tensorboard": False}
+    base["output"] = {"report_to": []}
     f = tmp_path / "search.yaml"
     f.write_text(yaml.safe_dump({"base": base, "seeds": list(seeds), "variants": [{"name": "lora"}],
                                  "search": {"lr": lrs, "eta": 2}}))
