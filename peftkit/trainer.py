@@ -173,7 +173,7 @@ class Trainer:
 
         sched = get_scheduler(tc.scheduler, opt, num_warmup_steps=int(tc.warmup_ratio * total), num_training_steps=total)
         dist.prepare_deepspeed(self.acc, tc)
-        model, opt, sched = self.acc.prepare(model, opt, sched)
+        model, opt, sched = dist.prepare(self.acc, model, opt, sched)
         if tc.compile:
             model = torch.compile(model)
         t_est = time.perf_counter()
@@ -340,7 +340,7 @@ class Trainer:
                 "recipe_hash": b.recipe.hash(),
                 "recipe": b.recipe.to_dict(),
                 "world_size": self.acc.num_processes,
-                "distributed_type": str(self.acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+                "distributed_type": dist.distributed_type(self.acc),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "task": b.task.info(),
