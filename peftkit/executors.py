@@ -154,13 +154,22 @@ def execute(run: "Run", timeout: float | None = None, env: dict | None = None, a
     return {"status": "failed", "seconds": seconds, "host": host, "error": err}
 
 
+def _exited(p: subprocess.Popen) -> bool:
+    # Without reaping: stop_child runs in a signal handler while execute's p.wait() holds Popen's lock.
+    try:
+        return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 def stop_child(grace_s: float = 120.0) -> None:
     """Preempted: SIGTERM to the training process, which writes a checkpoint and exits; wait for it."""
     for p in list(_CHILD):
         p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + grace_s
+        while not _exited(p) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _exited(p):
             p.kill()
 
 
@@ -229,12 +238,13 @@ class LocalExecutor:
         per = o.gpus_per_run if o.gpus_per_run is not None else len(gpus) // o.parallel
         if per * o.parallel > len(gpus):
             raise UserError(f"executor: {o.parallel} runs x {per} GPU(s) each, but {len(gpus)} GPU(s) are visible")
+        shared = bool(gpus) and per == 0 and o.gpus_per_run is None  # more runs than GPUs: they share, round-robin
         cpus = o.cpus_per_run or max(1, (os.cpu_count() or 1) // o.parallel)
         self.slots = []
         for k in range(o.parallel):
             env = {v: str(cpus) for v in THREAD_VARS} if o.parallel > 1 or o.cpus_per_run else {}
             if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[k * per:(k + 1) * per])
+                env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)] if shared else ",".join(gpus[k * per:(k + 1) * per])
             self.slots.append(env)
 
     def _where(self, k: int, host: str) -> str:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_recipe, write_csv, sentiment_rows
+from conftest import ROOT, dropout_free_setup, tiny_recipe
 from peftkit import distributed as dist
 
 
@@ -51,16 +50,7 @@ def _env():
 
 
 def test_two_processes_match_one(tiny_models, tmp_path):
-    # Dropout off: each rank draws its own dropout masks, so only a dropout-free model can match exactly.
-    model = shutil.copytree(tiny_models["bert"], tmp_path / "bert")
-    cfg = json.loads((model / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (model / "config.json").write_text(json.dumps(cfg))
-    data = tmp_path / "data"
-    data.mkdir()
-    write_csv(data / "train.csv", sentiment_rows(60, 0))
-    write_csv(data / "validation.csv", sentiment_rows(9, 1))
-    write_csv(data / "test.csv", sentiment_rows(33, 2))  # odd: shards of 17 and 16
+    model, data = dropout_free_setup(tiny_models["bert"], tmp_path, 60, 33)  # test: odd, shards of 17 and 16
     # batch_size 7 (global): shards of 4 and 3 every step, so the loss reweighting is exercised.
     # 60 examples = 9 batches; grad_accum 2: step 5 is a 1-batch group at the epoch's end, step 6
     # starts epoch 1.
