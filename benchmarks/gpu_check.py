@@ -97,6 +97,7 @@ def parallel_check(a, work: Path) -> dict:
 
     from peftkit import compare
 
+    work.mkdir(parents=True, exist_ok=True)
     f = work / "compare.yaml"
     base = recipe(a.encoder, "lora", a, attn="auto", steps=a.check_steps, save=False)
     f.write_text(yaml.safe_dump({"base": base, "variants": [
@@ -182,7 +183,8 @@ def markdown(r: dict) -> str:
         detail = (f"{c.get('overlap') or 0:.2f}x overlap; " + "; ".join(f"{x['variant']} on {x.get('where')}"
                                                                      for x in c.get("runs", []))
                   if c["check"] == "parallel" else f"max abs loss diff {num(c.get('max_abs_loss_diff'), '.2e')}")
-        lines.append(f"| {c['check']} | {'yes' if c.get('ok') else 'NO'} | {detail} | {c.get('error', '')} |")
+        ok = "skipped" if c.get("ok") is None else "yes" if c["ok"] else "NO"
+        lines.append(f"| {c['check']} | {ok} | {detail} | {c.get('error', '')} |")
     lines += ["", "## Speed and memory", "",
               "MFU = model FLOPs/s (peftkit.flops, result.json `speed.model_flops_per_s`: matmuls on real "
               "(non-padding) tokens, backward only where gradients flow, plus attention) over the measured "
