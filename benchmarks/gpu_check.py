@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """GPU check: every registered strategy trains a few steps and evaluates; then peak memory,
 tokens/s and MFU (against a measured bf16 matmul peak) for builtin MiniLM and SmolLM2 with
-FlashAttention-2 on (when flash-attn imports) and off (SDPA).
+FlashAttention-2 on (when flash-attn imports) and off (SDPA); then scale-out: two compare runs
+at once (``--parallel 2``, one GPU each, or sharing one GPU) and FSDP2 over 2 GPUs against
+one process (when >= 2 GPUs are visible).
 
     python benchmarks/gpu_check.py                  # CUDA machine, ~5 min on one H200
     python benchmarks/gpu_check.py --dry-run --encoder DIR --decoder DIR --data DIR --out DIR
@@ -89,6 +91,55 @@ def run(rd: dict, peak: float | None) -> dict:
     return out
 
 
+def parallel_check(a, work: Path) -> dict:
+    """Two compare runs at once through the local executor; each on its own GPU when there are two."""
+    import yaml
+
+    from peftkit import compare
+
+    work.mkdir(parents=True, exist_ok=True)
+    f = work / "compare.yaml"
+    base = recipe(a.encoder, "lora", a, attn="auto", steps=a.check_steps, save=False)
+    f.write_text(yaml.safe_dump({"base": base, "variants": [
+        {"name": "full", "set": {"strategy.name": "full"}}, {"name": "lora", "set": {}}]}))
+    t0 = time.perf_counter()
+    rc = compare.compare(f, work / "out", executor={"name": "local", "parallel": 2}, echo=lambda _: None)
+    wall = time.perf_counter() - t0
+    rows = json.loads((work / "out" / "compare.json").read_text())["runs"]
+    runs = [{"variant": x["variant"], **x.get("execution", {})} for x in rows]
+    seconds = sum(x.get("seconds", 0) for x in runs)
+    return {"ok": rc == 0 and all(x.get("status") == "done" for x in runs), "runs": runs, "wall_s": wall,
+            "sum_run_s": seconds, "overlap": seconds / wall if wall else None,
+            "gpus": torch.cuda.device_count()}
+
+
+def fsdp_check(a, work: Path, strategy: str) -> dict:
+    """The same recipe in 1 process and in 2 FSDP2 processes (recipes/accelerate/fsdp.yaml): losses side by side."""
+    import subprocess
+
+    import yaml
+
+    rec = work / f"{strategy}.yaml"
+    rd = recipe(a.encoder, strategy, a, attn="sdpa", steps=a.check_steps, save=True)
+    rec.write_text(yaml.safe_dump(rd))
+    cmd = [sys.executable, "-m", "peftkit", "train", str(rec), "--out"]
+    fsdp = ["--launcher", "accelerate", "--nproc", "2", "--accelerate-config",
+            str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")]
+    res, losses = {}, {}
+    for n, extra in ((1, []), (2, fsdp)):
+        d = work / f"{strategy}-{n}"
+        p = subprocess.run(cmd + [str(d), *extra], capture_output=True, text=True, timeout=300, cwd=work)
+        if p.returncode != 0:
+            raise RuntimeError(f"{n} process(es): {(p.stderr or p.stdout).strip().splitlines()[-1]}")
+        res[n] = json.loads((d / "result.json").read_text())
+        losses[n] = [json.loads(x)["loss"] for x in (d / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    diff = max(abs(x - y) for x, y in zip(losses[1], losses[2]))
+    return {"ok": res[2]["run"]["distributed_type"] == "FSDP" and diff < 0.05, "losses_1": losses[1],
+            "losses_2": losses[2], "max_abs_loss_diff": diff, "distributed_type": res[2]["run"]["distributed_type"],
+            "peak_bytes_1": res[1]["memory"]["measured"]["peak_bytes"],
+            "peak_bytes_2": res[2]["memory"]["measured"]["peak_bytes"]}
+
+
 def environment() -> dict:
     env = provenance.environment()
     env["cuda"] = torch.version.cuda
@@ -127,6 +178,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {c['strategy']} | {c['model']} | {'yes' if c.get('ok') else 'NO'} | {ev} | "
                      f"{num(c.get('loss_first'), '.4f')} → {num(c.get('loss_last'), '.4f')} | "
                      f"{mib(c.get('peak_bytes'))} | {c.get('error', '')} |")
+    lines += ["", "## Scale-out", "", "| check | ok | detail | error |", "|---|---|---|---|"]
+    for c in r.get("scale", []):
+        detail = (f"{c.get('overlap') or 0:.2f}x overlap; " + "; ".join(f"{x['variant']} on {x.get('where')}"
+                                                                     for x in c.get("runs", []))
+                  if c["check"] == "parallel" else f"max abs loss diff {num(c.get('max_abs_loss_diff'), '.2e')}")
+        ok = "skipped" if c.get("ok") is None else "yes" if c["ok"] else "NO"
+        lines.append(f"| {c['check']} | {ok} | {detail} | {c.get('error', '')} |")
     lines += ["", "## Speed and memory", "",
               "MFU = model FLOPs/s (peftkit.flops, result.json `speed.model_flops_per_s`: matmuls on real "
               "(non-padding) tokens, backward only where gradients flow, plus attention) over the measured "
@@ -160,10 +218,11 @@ def main(argv=None) -> int:
     a.batch_size, a.max_length = (4, 32) if dry else (32, 128)
     a.n_train, a.n_eval = (16, 8) if dry else (2048, 256)
     check_steps, bench_steps = (2, 3) if dry else (8, 40)
+    a.check_steps = check_steps
     t0 = time.perf_counter()
     a.out.mkdir(parents=True, exist_ok=True)
     r = {"schema": SCHEMA, "dry_run": dry, "env": environment(), "budget_s": a.budget_s, "elapsed_s": 0.0,
-         "matmul_dtype": "bfloat16", "peak_matmul_flops": None, "checks": [], "bench": []}
+         "matmul_dtype": "bfloat16", "peak_matmul_flops": None, "checks": [], "bench": [], "scale": []}
 
     def save():
         r["elapsed_s"] = time.perf_counter() - t0
@@ -218,9 +277,20 @@ def main(argv=None) -> int:
                 return run(rd, r["peak_matmul_flops"])
 
             attempt(rec, lm)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-scale-"))
+    rec = {"check": "parallel"}
+    r["scale"].append(rec)
+    attempt(rec, lambda: parallel_check(a, work / "parallel"))
+    for strat in ("full", "lora"):
+        rec = {"check": f"fsdp2-{strat}"}
+        r["scale"].append(rec)
+        if torch.cuda.device_count() >= 2:
+            attempt(rec, lambda: fsdp_check(a, work, strat))
+        else:
+            rec.update(ok=None, error=f"skipped: FSDP needs >= 2 CUDA GPUs ({torch.cuda.device_count()} visible)")
     save()
     print(markdown(r))
-    failed = [c for c in r["checks"] + r["bench"] if not c.get("ok")]
+    failed = [c for c in r["checks"] + r["bench"] + r["scale"] if c.get("ok") is False]
     return 1 if failed else 0
 
 

@@ -64,12 +64,14 @@ def train(recipe: str | Path | dict | Recipe, out: str | Path | None = None, *, 
 
 
 def compare(path: str | Path, out: str | Path, overrides: list[str] | None = None, *, timeout: float | None = None,
-            progress: bool | None = None, echo=print) -> dict:
+            progress: bool | None = None, executor: dict | None = None, echo=print) -> dict:
     """Run every variant x seed of a compare recipe, each in a fresh process, then report.
 
     Runs are grouped in the experiment trackers their recipes name (``output.report_to``).
     ``progress``: live per-run lines (default: when the terminal is a TTY). Returns
-    ``report.json`` as a dict (``failed`` lists the runs that did not finish).
+    ``report.json`` as a dict (``failed`` lists the runs that did not finish). ``executor``: where
+    the runs execute, over the recipe's ``executor:`` section, e.g. ``{"name": "local", "parallel": 2}``
+    (``slurm`` through submitit, ``ray``; see peftkit.executors).
     """
     from . import compare as C
     from . import tracking
@@ -82,7 +84,10 @@ def compare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
     report_files = [out / f for f in ("report.json", "report.md", "report.html")]
     with tracking.compare_group(name, names, lambda: report_files), \
             CompareProgress(out, [r.dir for r in runs], enabled=progress) as live:
-        C.compare(path, out, overrides, timeout=timeout, echo=live.echo if live.enabled else echo)
+        run = C.compare
+        if C.load(path).search is not None:  # each variant at its best setting, chosen on validation
+            from .search import search as run
+        run(path, out, overrides, timeout=timeout, echo=live.echo if live.enabled else echo, executor=executor)
     return json.loads((out / "report.json").read_text())
 
 

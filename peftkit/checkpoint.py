@@ -145,7 +145,9 @@ class Checkpointer:
         self.acc, self.run_dir, self.recipe = acc, Path(run_dir), recipe
         self.root = self.run_dir / DIR
         self.every, self.keep = recipe.train.checkpoint_every, recipe.train.keep_checkpoints
-        self.sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+        from . import distributed
+
+        self.sharded = distributed.sharded(acc)
         self.hash = recipe.hash()
         self.resume = resume
         self.signals = StopSignals()

@@ -179,7 +179,11 @@ def cmd_estimate(args) -> int:
 def cmd_compare(args) -> int:
     from . import api
 
-    return 1 if api.compare(args.recipe, args.out, args.overrides, timeout=args.timeout)["failed"] else 0
+    flags = {k: getattr(args, k) for k in ("parallel", "partition", "gpus_per_run", "cpus_per_run", "address",
+                                           "launcher", "nproc", "accelerate_config")}
+    report = api.compare(args.recipe, args.out, args.overrides, timeout=args.timeout,
+                         executor={"name": args.executor, **flags})
+    return 1 if report["failed"] else 0
 
 
 def cmd_report(args) -> int:
@@ -187,6 +191,21 @@ def cmd_report(args) -> int:
 
     api.report(args.dir, screenshot=args.screenshot)
     return 0
+
+
+def _executor_flags(c) -> None:
+    """Where compare's runs execute; each flag overrides the compare recipe's ``executor:`` section."""
+    g = c.add_argument_group("executor (default: the recipe's executor: section, else local, one at a time)")
+    g.add_argument("--executor", choices=["local", "slurm", "ray"], help="local processes, a SLURM job array "
+                   "(submitit), or Ray tasks")
+    g.add_argument("--parallel", type=int, help="runs at once (local: each gets its share of CPUs or its own GPUs)")
+    g.add_argument("--gpus-per-run", type=int, help="GPUs per run (local default: the visible GPUs / --parallel)")
+    g.add_argument("--cpus-per-run", type=int, help="CPU threads per run")
+    g.add_argument("--partition", help="slurm partition")
+    g.add_argument("--address", help="ray cluster address (default: a local Ray instance)")
+    g.add_argument("--launcher", choices=["none", "torchrun", "accelerate"], help="each run over --nproc processes")
+    g.add_argument("--nproc", type=int, help="processes per run for --launcher")
+    g.add_argument("--accelerate-config", help="accelerate config file for --launcher accelerate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
     c.add_argument("--out", required=True, help="directory: <out>/<variant>/seed<k>/ and the report")
     c.add_argument("--timeout", type=float, help="seconds per run (default: none)")
+    _executor_flags(c)
     c.set_defaults(fn=cmd_compare)
 
     rp = sub.add_parser("report", help="table + plots from a directory of comparison runs")

@@ -18,22 +18,19 @@ A variant's recipe = (its ``recipe`` file or the base) + the shared ``set`` + it
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from . import executors as X
 from . import hardware
 from . import recipe as R
 from .config import Section
 from .errors import RecipeError
-from .io import atomic_write_json, atomic_write_text
-from .search import SearchConfig
+from .io import atomic_write_json
+from .search_space import SearchConfig
 
 SCHEMA = "peftkit.compare/1"
 # Keys every variant must share: same data, same order, same budget, same evaluation.
@@ -54,6 +51,7 @@ class CompareRecipe(Section):
     seeds: list[int] = Field(default=[0], min_length=1)
     variants: list[Variant] = Field(min_length=1)
     search: SearchConfig | None = None  # per-variant lr (and other keys) chosen on validation
+    executor: X.ExecutorSection = X.ExecutorSection()  # where the runs execute (CLI flags override it)
 
     @field_validator("variants")
     @classmethod
@@ -103,7 +101,13 @@ class Run:
             res = json.loads((self.dir / "result.json").read_text())
         except (OSError, ValueError):
             return False
-        return res.get("run", {}).get("recipe_hash") == self.hash
+        if res.get("run", {}).get("recipe_hash") != self.hash:
+            return False
+        # train.stop_at is not hashed (a search rung continues the same run): done = trained that far.
+        m, stop = res.get("metrics") or {}, self.recipe.train.stop_at
+        if stop is None:
+            return "stopped_at" not in m
+        return m.get("stopped_at") == self.recipe.train.stop_step(m.get("total_steps") or 0)
 
 
 def load(path: str | Path) -> CompareRecipe:
@@ -156,81 +160,70 @@ def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) 
     return runs
 
 
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 def execute(run: Run, timeout: float | None = None) -> dict | None:
-    """Train one run in a fresh process. None on success, else the error record (also written)."""
-    run.dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", "error.json"):
-        (run.dir / stale).unlink(missing_ok=True)
-    rfile = run.dir.parent / f"seed{run.seed}.yaml"
-    atomic_write_text(rfile, R.dump_yaml(run.recipe))
-    cmd = [sys.executable, "-m", "peftkit", "train", str(rfile), "--out", str(run.dir), "--force"]
-    pkg_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": pkg_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    log = run.dir / "train.log"
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as f:
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    if rc == 0 and run.done():
-        return None
-    err = {"variant": run.variant, "seed": run.seed, "recipe_hash": run.hash, "returncode": rc,
-           "seconds": round(time.perf_counter() - t0, 1), "command": cmd, "log_tail": _tail(log)}
-    lines = [x for x in err["log_tail"].splitlines() if x.strip()]
-    err["message"] = lines[-1] if lines else f"exit code {rc}"
-    atomic_write_json(run.dir / "error.json", err)
-    return err
+    """Train one run in a fresh process here. None on success, else the error record (also written)."""
+    return X.execute(run, timeout)["error"]
 
 
-def write_plan(out: Path, path, runs: list[Run]) -> None:
+def record_runs(out: Path, path, runs: list[Run], ex: X.ExecutorSection, outcomes=None) -> None:
+    done = {str(o.dir): o for o in outcomes or []}
+    try:  # a skipped run keeps where and how it ran the last time
+        before = {x["dir"]: x.get("execution") for x in json.loads((out / "compare.json").read_text())["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        before = {}
+    rows = []
+    for r in runs:
+        row = {"variant": r.variant, "seed": r.seed, "dir": str(r.dir.relative_to(out)), "recipe_hash": r.hash,
+               "strategy": r.recipe.strategy.name}
+        o = done.get(str(r.dir))
+        if o is not None and o.status != "skipped":
+            row["execution"] = {"status": o.status, "where": o.where, "seconds": o.seconds, "executor": ex.name}
+        elif before.get(row["dir"]):
+            row["execution"] = before[row["dir"]]
+        rows.append(row)
     atomic_write_json(out / "compare.json", {
-        "schema": SCHEMA, "compare_recipe": str(path),
-        "variants": list(dict.fromkeys(r.variant for r in runs)),
+        "schema": SCHEMA, "compare_recipe": str(path), "variants": list(dict.fromkeys(r.variant for r in runs)),
         "precision": hardware.resolve(runs[0].requested_precision).record(),
-        "runs": [{"variant": r.variant, "seed": r.seed, "dir": str(r.dir.relative_to(out)),
-                  "recipe_hash": r.hash, "strategy": r.recipe.strategy.name} for r in runs]})
+        "executor": ex.model_dump(exclude_defaults=True) | {"name": ex.name, "parallel": ex.parallel}, "runs": rows})
+
+
+def executor_options(path, timeout: float | None = None, executor: dict | None = None) -> X.ExecutorSection:
+    """The recipe's ``executor:`` section with CLI flags (None values ignored) over it."""
+    flags = {k: v for k, v in (executor or {}).items() if v is not None}
+    flags |= {"timeout_s": timeout} if timeout is not None else {}
+    return X.options(**(load(path).executor.model_dump() | flags))
 
 
 def compare(path: str | Path, out: str | Path, overrides: list[str] | None = None, timeout: float | None = None,
-            echo=print) -> int:
-    if load(path).search is not None:  # each variant at its best setting: peftkit.search
-        from .search import search
-
-        return search(path, out, overrides, timeout, echo)
+            echo=print, executor: dict | None = None) -> int:
+    """``executor``: options over the recipe's ``executor:`` section (CLI flags; None values ignored)."""
     runs = plan(path, out, overrides)
+    ex = executor_options(path, timeout, executor)
+    pool = X.from_options(**ex.model_dump())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_plan(out, path, runs)
-    failed = 0
-    for i, run in enumerate(runs, 1):
-        label = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
-        if run.done():
-            echo(f"{label}: up to date, skipped ({run.dir / 'result.json'})")
-            continue
-        echo(f"{label}: training in a fresh process …")
-        t0 = time.perf_counter()
-        err = execute(run, timeout)
-        if err is None:
-            from .report import primary
-
-            res = json.loads((run.dir / "result.json").read_text())
-            name, value = primary(res)
-            shown = f"{name} {value:.4f}" if isinstance(value, float) else ""
-            echo(f"{label}: done in {time.perf_counter() - t0:.0f} s; {shown}")
-        else:
-            failed += 1
-            echo(f"{label}: FAILED ({err['message']}); details in {run.dir / 'error.json'}")
+    record_runs(out, path, runs, ex)
+    outcomes = pool.run(runs, echo=echo)
+    record_runs(out, path, runs, ex, outcomes)
+    echo(X.summary(outcomes, _metrics(outcomes)))
     from .report import report
 
     report(out, echo=echo)
+    failed = sum(o.status == "failed" for o in outcomes)
     if failed:
         echo(f"{failed} of {len(runs)} run(s) failed")
     return 1 if failed else 0
+
+
+def _metrics(outcomes: list[X.Outcome]) -> list[str]:
+    """Each run's primary metric, for the summary table ('' when it has no result)."""
+    from .report import primary
+
+    shown = []
+    for o in outcomes:
+        try:
+            name, value = primary(json.loads((o.dir / "result.json").read_text()))
+        except (OSError, ValueError):
+            name, value = "", None
+        shown.append(f"{name} {value:.4f}" if isinstance(value, float) else "")
+    return shown

@@ -46,14 +46,76 @@ def launched() -> bool:
 
 
 def requested_but_not_used(acc) -> str | None:
-    """A one-line notice when the launcher asked for FSDP/DeepSpeed and accelerate runs something else.
+    """A one-line notice about how FSDP/DeepSpeed from the launcher really runs; refuses what cannot.
 
-    accelerate applies FSDP only on accelerators: on CPU processes it falls back to DDP (gloo).
+    accelerate applies FSDP and DeepSpeed only on accelerators: on CPU processes it would
+    silently run DDP (gloo). FSDP2 is applied by peftkit itself there (``cpu_fsdp``); FSDP1 and
+    DeepSpeed are refused rather than run as something else.
     """
+    if cpu_fsdp(acc):
+        return "FSDP2 on CPU processes: peftkit shards the model with torch's fully_shard (gloo)"
     for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
         if os.environ.get(var, "false").lower() == "true" and acc.distributed_type.value != name:
-            return f"{name} was requested but accelerate runs {acc.distributed_type.value} here ({name} needs GPUs)"
+            hint = (" on CPU processes, use FSDP2 (recipes/accelerate/fsdp.yaml)" if name == "FSDP" else "")
+            raise UserError(f"{name} was requested but accelerate would run {acc.distributed_type.value} here "
+                            f"({name}{' version 1' if name == 'FSDP' else ''} needs GPUs){hint}")
     return None
+
+
+def cpu_fsdp(acc=None) -> bool:
+    """FSDP2 requested on processes accelerate runs as MULTI_CPU: peftkit applies ``fully_shard`` itself."""
+    if not fsdp_requested() or os.environ.get("FSDP_VERSION", "1") != "2" or torch.cuda.is_available():
+        return False
+    return acc is None or acc.distributed_type.value == "MULTI_CPU"
+
+
+def distributed_type(acc) -> str:
+    """NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED: what really runs (FSDP for peftkit's CPU sharding)."""
+    return "FSDP" if cpu_fsdp(acc) else str(acc.distributed_type.value)
+
+
+def sharded(acc) -> bool:
+    """Parameters/optimizer state live in shards (no single-file checkpoint of the training state)."""
+    return distributed_type(acc) in ("FSDP", "DEEPSPEED")
+
+
+def prepare(acc, model, opt, sched):
+    """``acc.prepare``; with ``cpu_fsdp``: torch's FSDP2 per transformer block and the root, then the rest."""
+    if not (cpu_fsdp(acc) and acc.num_processes > 1):
+        return acc.prepare(model, opt, sched)
+    shard_model(model, opt)
+    opt, sched = acc.prepare(opt, sched)  # the model is not given to accelerate: it would add DDP on top
+    return model, opt, sched
+
+
+def shard_model(model, opt) -> None:
+    """``fully_shard`` each block named in ``_no_split_modules`` and the root; the optimizer gets the DTensors.
+
+    The optimizer has no state yet (AdamW allocates it at the first step), so swapping its
+    parameters for the sharded ones by name is exact. ``FSDP_RESHARD_AFTER_FORWARD`` as accelerate sets it.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+    blocks = set()
+    for m in model.modules():
+        blocks |= set(getattr(m, "_no_split_modules", None) or [])
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "no_shard", "2", "5")
+    for m in reversed(list(model.modules())):  # children before parents
+        if type(m).__name__ in blocks:
+            fully_shard(m, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=False)
+    new = dict(model.named_parameters())
+    for g, ns in zip(opt.param_groups, groups):
+        g["params"] = [new[n] for n in ns]
+
+
+def _full(sd: dict) -> dict[str, torch.Tensor]:
+    """Sharded (DTensor) entries gathered to full tensors: collective, the same order on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor().detach().cpu() if isinstance(v, DTensor) else v for k, v in sd.items()}
 
 
 def quiet_rank() -> None:
@@ -178,6 +240,8 @@ def strategy_state_dict(acc, wrapped, strategy) -> dict[str, torch.Tensor]:
     from accelerate.utils import DistributedType
 
     model = acc.unwrap_model(wrapped)
+    if cpu_fsdp(acc):
+        return _full(strategy.state_dict(model))
     if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return strategy.state_dict(model)
     wanted = {_clean(n) for n in strategy.state_dict(model)}

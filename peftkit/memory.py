@@ -14,12 +14,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # A sharded (FSDP2 DTensor) parameter: this process holds its local shard only.
+    return getattr(t, "_local_tensor", t)
+
+
 def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata  # the StorageImpl: also distinct for fake tensors
+    return _local(t).untyped_storage()._cdata  # the StorageImpl: also distinct for fake tensors
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+    return _local(t).untyped_storage().nbytes()
 
 
 def _quant_tensors(qs) -> list[torch.Tensor]:

@@ -47,7 +47,9 @@ def card_data(summary: dict, result: dict):
         base_model=hub_id(rec["model"]["name"]), library_name="peft" if peft_format else "transformers",
         pipeline_tag=pipeline, tags=["peftkit", rec["strategy"]["name"], kind,
                                      "merged" if summary.get("merged") else "adapter"],
-        metrics=list(ev), eval_results=evals or None, model_name=rec.get("name"),
+        metrics=list(ev), eval_results=evals or None,
+        # the Hub requires a model name with eval results: the recipe's, else what was tuned for what
+        model_name=rec.get("name") or f"{Path(rec['model']['name']).name}-{kind}-{rec['strategy']['name']}",
         peftkit={"strategy": rec["strategy"], "recipe_hash": result["run"].get("recipe_hash"),
                  "merged": summary.get("merged"), "dtype": summary.get("dtype"),
                  "verify": None if v is None else {k: v.get(k) for k in (

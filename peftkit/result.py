@@ -34,7 +34,7 @@ def build(run, final: dict, rss, wall_s: float, artifact: dict, estimate_at_meas
             "recipe": b.recipe.to_dict(),
             "precision": hardware.resolve(tc.precision).record(),  # cached: what the trainer resolved
             "world_size": acc.num_processes,
-            "distributed_type": str(acc.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+            "distributed_type": dist.distributed_type(acc),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "task": b.task.info(),

@@ -24,8 +24,8 @@ WEIGHTS = "strategy.safetensors"
 ADAPTER = "adapter_model.safetensors"  # peft's adapter format (an --adapter-only export)
 LOG = "log.jsonl"
 # What a run directory holds while a run is unfinished; anything else makes it "not ours".
-RUN_FILES = {LOG, RECIPE, WEIGHTS, "tb", CHECKPOINTS}
-OUTPUTS = RUN_FILES | {RESULT, "predictions.json"}
+RUN_FILES = {LOG, RECIPE, WEIGHTS, "tb", CHECKPOINTS, "predictions.json"}  # an unfinished run may hold these
+OUTPUTS = RUN_FILES | {RESULT}
 
 
 # -- reusing a directory for `peftkit train`, checked before any weight is loaded -----------

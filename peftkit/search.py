@@ -33,110 +33,17 @@ synchronous rungs here are a few lines, deterministic, and keep all state in the
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from pydantic import Field, model_validator
-
-from .config import Section
 from .errors import RecipeError
 from .io import atomic_write_json
+from .search_space import (DEFAULT_LR, LOWER_IS_BETTER, LogGrid, SearchConfig, Space,  # noqa: F401
+                           _label, cost, points, rungs)
 
 SCHEMA = "peftkit.search/1"
-
-# Default lr grids, 4 points spaced ~3x around values known to work (each ~centred on the
-# rate of recipes/quickstart/<strategy>.yaml):
-# full/freeze: BERT fine-tuning grid 2e-5..5e-5 (Devlin et al. 2019), extended upward for short budgets;
-# lora/qlora: RoBERTa-base GLUE 4e-4..5e-4 (Hu et al. 2021), ~10x full ("LoRA Without Regret", 2025);
-# adapter: Houlsby et al. 2019 searched 3e-5..3e-3 (Pfeiffer adapters commonly 1e-4..1e-3);
-# prefix: P-tuning v2 (Liu et al. 2022) 5e-3..1e-2 on classification;
-# ia3: T-Few (Liu et al. 2022) 3e-3; peft's method comparison 1e-3..5e-3;
-# bitfit: Ben Zaken et al. 2022 searched 1e-4..1e-3 (BERT-base), higher for small models.
-DEFAULT_LR = {
-    "full": [2e-5, 5e-5, 1e-4, 2e-4],
-    "freeze": [3e-5, 1e-4, 3e-4, 1e-3],
-    "lora": [1.5e-4, 5e-4, 1.5e-3, 5e-3],
-    "qlora": [1.5e-4, 5e-4, 1.5e-3, 5e-3],
-    "adapter": [3e-4, 1e-3, 3e-3, 1e-2],
-    "prefix": [3e-3, 1e-2, 3e-2, 1e-1],
-    "ia3": [3e-3, 1e-2, 3e-2, 1e-1],
-    "bitfit": [1.5e-3, 5e-3, 1.5e-2, 5e-2],
-}
-LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-class LogGrid(Section):
-    low: float = Field(gt=0)
-    high: float = Field(gt=0)
-    points: int = Field(ge=1, le=64)
-
-    @model_validator(mode="after")
-    def _order(self):
-        if self.high < self.low:
-            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
-        return self
-
-    def values(self) -> list[float]:
-        if self.points == 1:
-            return [self.low]
-        r = math.log(self.high / self.low)
-        return [float(f"{self.low * math.exp(r * i / (self.points - 1)):.3g}") for i in range(self.points)]
-
-
-class Space(Section):
-    lr: list[float] | LogGrid | None = None  # None: DEFAULT_LR of the variant's strategy
-    grid: dict[str, list[Any]] = {}  # other dotted recipe keys -> values, crossed with lr
-
-
-class SearchConfig(Space):
-    eta: int = Field(2, ge=2)
-    variants: dict[str, Space] = {}
-
-
-def _label(point: dict) -> str:
-    """Directory name of a grid point: lr1e-04_strategy.r16 (safe characters only)."""
-    parts = []
-    for k, v in point.items():
-        key = "lr" if k == "train.lr" else k
-        val = f"{v:.0e}" if isinstance(v, float) else str(v)
-        parts.append(f"{key}{val}")
-    return "_".join(parts).replace("/", "-").replace(" ", "")
-
-
-def points(space: Space, strategy: str) -> list[dict]:
-    if isinstance(space.lr, LogGrid):
-        lrs = space.lr.values()
-    elif space.lr:
-        lrs = list(space.lr)
-    elif strategy in DEFAULT_LR:
-        lrs = DEFAULT_LR[strategy]
-    else:
-        raise RecipeError(f"search: no default lr grid for strategy '{strategy}'; give search.lr")
-    keys = ["train.lr", *space.grid]
-    return [dict(zip(keys, combo)) for combo in itertools.product(lrs, *space.grid.values())]
-
-
-def rungs(n: int, eta: int) -> list[tuple[int, float]]:
-    """(trials, budget fraction) per rung before the full budget; [] when n == 1."""
-    counts = [n]
-    while counts[-1] > 1:
-        counts.append(math.ceil(counts[-1] / eta))
-    k = len(counts) - 1
-    return [(counts[i], eta ** (i - k)) for i in range(k)]
-
-
-def cost(n: int, eta: int) -> float:
-    """Budgets trained by one search (continuations from checkpoints), in units of one run."""
-    done, total = 0.0, 0.0
-    for count, frac in rungs(n, eta):
-        total += count * (frac - done)
-        done = frac
-    return total + (1 - done)
 
 
 def better(metric: str) -> int:
@@ -225,21 +132,19 @@ class Trial:
         return primary(r)[1] if r else None
 
 
-def _run_all(runs: list, timeout: float | None) -> list[dict | None]:
-    """Train runs (each in a fresh process); per run None or its error record."""
-    from .compare import execute
-
-    return [execute(r, timeout) for r in runs]
+def _run_all(runs: list, pool) -> list[dict | None]:
+    """Train runs through the compare's executor (peftkit.executors); per run None or its error record."""
+    return [o.error if o.status == "failed" else None for o in pool.run(runs)]
 
 
-def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, timeout, echo) -> None:
+def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, pool, echo) -> None:
     """Rung ``k`` of every variant that has one, in one batch; then keep the best of each."""
     todo = []
     for v, alive in trials.items():
         if k < len(plans[v]):
             frac = plans[v][k][1]
             todo += [(t, frac) for t in alive if t.result(frac) is None and t.error is None]
-    for (t, frac), err in zip(todo, _run_all([t.run(frac) for t, frac in todo], timeout)):
+    for (t, frac), err in zip(todo, _run_all([t.run(frac) for t, frac in todo], pool)):
         if err is None:
             atomic_write_json(t.rung_file(frac), read_json(t.dir / "result.json"))
         else:
@@ -308,11 +213,14 @@ def _continue_from_trial(run, trial: Trial) -> None:
         link_checkpoints(trial.dir, run.dir)
 
 
-def search(path, out, overrides=None, timeout=None, echo=print) -> int:
+def search(path, out, overrides=None, timeout=None, echo=print, executor: dict | None = None) -> int:
     from . import compare as C
+    from . import executors as X
 
     out = Path(out)
     cr, runs, trials, plans = plan(path, out, overrides)
+    ex = C.executor_options(path, timeout, executor)
+    pool = X.from_options(**ex.model_dump())
     out.mkdir(parents=True, exist_ok=True)
     every = {v: list(ts) for v, ts in trials.items()}
     n = sum(len(ts) for ts in trials.values())
@@ -320,18 +228,18 @@ def search(path, out, overrides=None, timeout=None, echo=print) -> int:
          f"validation; ~{sum(cost(len(ts), cr.search.eta) for ts in trials.values()):.1f} run budgets, "
          f"then {len(cr.seeds) - 1} more seed(s) per variant at its selected setting")
     for k in range(max((len(p) for p in plans.values()), default=0)):
-        _rung(trials, k, plans, timeout, echo)
+        _rung(trials, k, plans, pool, echo)
         write_state(out, _state(cr, every, trials, plans))
     chosen = {v: ts[0] for v, ts in trials.items() if ts}
     final = _final_runs(runs, chosen)
     for run in final:
         if run.seed == runs[0].seed:
             _continue_from_trial(run, chosen[run.variant])
-    C.write_plan(out, path, final)
+    C.record_runs(out, path, final, ex)
     todo = [r for r in final if not r.done()]
     echo(f"[search] selected: {', '.join(f'{v} {t.label}' for v, t in chosen.items())}; "
          f"{len(todo)} of {len(final)} test run(s) to train")
-    errors = _run_all(todo, timeout)
+    errors = _run_all(todo, pool)
     for r, e in zip(todo, errors):
         echo(f"[search] {r.variant} seed {r.seed}: " + ("done" if e is None else f"FAILED ({e['message']})"))
     write_state(out, _state(cr, every, trials, plans))

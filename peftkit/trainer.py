@@ -228,7 +228,7 @@ class Trainer:
 
         sched = get_scheduler(tc.scheduler, opt, num_warmup_steps=int(tc.warmup_ratio * total), num_training_steps=total)
         dist.prepare_deepspeed(acc, tc)
-        model, opt, sched = acc.prepare(self.model, opt, sched)
+        model, opt, sched = dist.prepare(acc, self.model, opt, sched)
         if tc.compile:
             model = torch.compile(model)
         t_est = time.perf_counter()

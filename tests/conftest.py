@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,21 @@ def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def dropout_free_setup(bert: Path, tmp: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """(model, data) for multi-process tests: each rank draws its own dropout masks, so only a
+    dropout-free model can match one process; 9 validation rows, ``n_test`` test rows."""
+    model = shutil.copytree(bert, tmp / "bert")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(cfg))
+    data = tmp / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", sentiment_rows(n_train, 0))
+    write_csv(data / "validation.csv", sentiment_rows(9, 1))
+    write_csv(data / "test.csv", sentiment_rows(n_test, 2))
+    return model, data
 
 
 @pytest.fixture(scope="session")

@@ -223,7 +223,7 @@ def test_disk_full_while_writing(capsys, tmp_path, rec, monkeypatch, fail_at):
     assert "result.json" not in left and not any(n.endswith(".tmp") for n in left), left
     assert len(calls) == fail_at
     if fail_at == 4:  # complete files only; rerunning the command trains again
-        assert set(left) == {"recipe.yaml", "log.jsonl", "strategy.safetensors"}
+        assert set(left) == {"recipe.yaml", "log.jsonl", "strategy.safetensors", "predictions.json"}
 
 
 def test_long_texts_are_truncated_with_a_warning(capsys, tmp_path, rec):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_recipe, write_csv, sentiment_rows
+from conftest import ROOT, dropout_free_setup, tiny_recipe
 from peftkit import distributed as dist
 
 
@@ -53,16 +53,7 @@ def _env():
 
 
 def test_two_processes_match_one(tiny_models, tmp_path):
-    # Dropout off: each rank draws its own dropout masks, so only a dropout-free model can match exactly.
-    model = shutil.copytree(tiny_models["bert"], tmp_path / "bert")
-    cfg = json.loads((model / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (model / "config.json").write_text(json.dumps(cfg))
-    data = tmp_path / "data"
-    data.mkdir()
-    write_csv(data / "train.csv", sentiment_rows(60, 0))
-    write_csv(data / "validation.csv", sentiment_rows(9, 1))
-    write_csv(data / "test.csv", sentiment_rows(33, 2))  # odd: shards of 17 and 16
+    model, data = dropout_free_setup(tiny_models["bert"], tmp_path, 60, 33)  # test: odd, shards of 17 and 16
     # batch_size 7 (global): shards of 4 and 3 every step, so the loss reweighting is exercised.
     # 60 examples = 9 batches; grad_accum 2: step 5 is a 1-batch group at the epoch's end, step 6
     # starts epoch 1.
@@ -107,7 +98,7 @@ def test_two_processes_match_one(tiny_models, tmp_path):
     assert r2["memory"]["measured"]["peak_of"] == "max over ranks" and len(r2["memory"]["measured"]["per_rank"]) == 2
 
     # Only rank 0 wrote files and printed.
-    assert sorted(os.listdir(tmp_path / "run2")) == ["log.jsonl", "recipe.yaml", "result.json", "strategy.safetensors"]
+    assert sorted(os.listdir(tmp_path / "run2")) == ["log.jsonl", "predictions.json", "recipe.yaml", "result.json", "strategy.safetensors"]
     stdout2 = out[2][0]
     assert stdout2.count("[peftkit] done:") == 1 and stdout2.count("trainable") == 1
 

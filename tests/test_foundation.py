@@ -12,10 +12,11 @@ from peftkit.strategies import count_params
 
 
 def lora_expected(cfg, r: int, num_labels: int) -> int:
-    """r*(in+out) over q, k, v, attention-out, intermediate, output of every BERT layer + head."""
+    """r*(in+out) over q, k, v, attention-out, intermediate, output of every BERT layer + the head
+    (the trained pooler dense h*h+h, task.train_pooler, and the classifier)."""
     h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     per_layer = 4 * r * (h + h) + r * (h + i) + r * (i + h)
-    return L * per_layer + (h * num_labels + num_labels)
+    return L * per_layer + (h * h + h) + (h * num_labels + num_labels)
 
 
 def test_lora_trainable_count_is_exact_on_minilm():
@@ -23,7 +24,7 @@ def test_lora_trainable_count_is_exact_on_minilm():
                      "strategy": {"name": "lora", "r": 8}})
     b = build(r)
     trainable, total = count_params(b.model)
-    assert trainable == lora_expected(b.model.config, 8, 2) == 332_546
+    assert trainable == lora_expected(b.model.config, 8, 2) == 480_386
     # base model with head, + LoRA factors, + peft's trainable copy of the head (modules_to_save)
     assert total == 22_713_986 + 331_776 + 770
 

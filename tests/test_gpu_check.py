@@ -31,5 +31,11 @@ def test_gpu_check_dry_run(tiny_models, sentiment_dir, tmp_path):
     for b in r["bench"]:
         assert b["ok"], b
         assert b["tokens_per_s"] > 0 and b["flops_per_token"] > 0 and 0 < b["mfu"] < 1
+    # Scale-out: two compare runs at once through the local executor; FSDP needs >= 2 GPUs (skipped here).
+    scale = {c["check"]: c for c in r["scale"]}
+    assert scale["parallel"]["ok"], scale["parallel"]
+    assert [x["status"] for x in scale["parallel"]["runs"]] == ["done", "done"]
+    assert all("slot" in x["where"] for x in scale["parallel"]["runs"])
+    assert scale["fsdp2-lora"]["ok"] is None and "skipped" in scale["fsdp2-lora"]["error"]
     md = (out / "gpu_check.md").read_text()
-    assert "| lora |" in md and "MFU" in md and (p.returncode == 0) == all(c["ok"] for c in r["checks"] + r["bench"])
+    assert "| lora |" in md and "MFU" in md and "| parallel | yes |" in md and (p.returncode == 0) == all(c["ok"] for c in r["checks"] + r["bench"])
