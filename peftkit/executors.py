@@ -19,21 +19,32 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 from pydantic import Field, ValidationError
 
 from .config import Section
 
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_text
+
 try:  # optional (the cluster extra): only the slurm executor needs it
     from submitit.helpers import Checkpointable
 except ImportError:
     Checkpointable = object
-from .errors import UserError
-from .io import atomic_write_json, atomic_write_text
 
-if TYPE_CHECKING:
-    from .compare import Run
+
+
+class Run(Protocol):
+    """What an executor runs: compare's Run (a variant x seed with its recipe and run directory)."""
+    variant: str
+    seed: int
+    recipe: Any
+    dir: Path
+    hash: str
+
+    def done(self) -> bool: ...
+
 
 NAMES = ("local", "slurm", "ray")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -71,7 +82,7 @@ class Outcome:
 
 
 class Executor(Protocol):
-    def run(self, runs: Sequence["Run"], echo=print) -> list[Outcome]: ...
+    def run(self, runs: Sequence[Run], echo=print) -> list[Outcome]: ...
 
 
 def options(name: str = "local", parallel: int = 1, **opts) -> ExecutorSection:
@@ -111,7 +122,7 @@ def _ignore_preempt_signal() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def execute(run: "Run", timeout: float | None = None, env: dict | None = None, args: Sequence[str] = (),
+def execute(run: Run, timeout: float | None = None, env: dict | None = None, args: Sequence[str] = (),
             shielded: bool = False) -> dict:
     """Train one run in a fresh process: {"status", "seconds", "host", "error"} (error also in error.json).
 
@@ -174,11 +185,11 @@ def stop_child(grace_s: float = 120.0) -> None:
 
 
 # -- bookkeeping every executor shares --------------------------------------------------------
-def label(i: int, n: int, run: "Run") -> str:
+def label(i: int, n: int, run: Run) -> str:
     return f"[{i}/{n}] {run.variant} seed {run.seed}"
 
 
-def pending(runs: Sequence["Run"], echo) -> tuple[list[Outcome | None], list[int]]:
+def pending(runs: Sequence[Run], echo) -> tuple[list[Outcome | None], list[int]]:
     """Outcomes with the done runs filled in as skipped, and the indices still to run."""
     outs: list[Outcome | None] = [None] * len(runs)
     todo = []
@@ -192,7 +203,7 @@ def pending(runs: Sequence["Run"], echo) -> tuple[list[Outcome | None], list[int
     return outs, todo
 
 
-def finish(lab: str, run: "Run", rep: dict, where: str, echo) -> Outcome:
+def finish(lab: str, run: Run, rep: dict, where: str, echo) -> Outcome:
     out = Outcome(lab, run.dir, rep["status"], rep["seconds"], where, rep["error"])
     if out.status == "done":
         echo(f"{lab}: done in {out.seconds:.0f} s on {where}")
@@ -202,7 +213,7 @@ def finish(lab: str, run: "Run", rep: dict, where: str, echo) -> Outcome:
     return out
 
 
-def failed_report(run: "Run", message: str, seconds: float = 0.0) -> dict:
+def failed_report(run: Run, message: str, seconds: float = 0.0) -> dict:
     """A run whose worker died before reporting (the engine's error), also written as error.json."""
     err = {"variant": run.variant, "seed": run.seed, "recipe_hash": run.hash, "returncode": None,
            "seconds": seconds, "message": message}

@@ -118,7 +118,7 @@ class LiveMemory(TorchDispatchMode):
     def track(self, t, category: str) -> None:
         """Count ``t``'s storage under ``category`` (moving it there if already counted)."""
         try:
-            st = t.untyped_storage()
+            st = _local(t).untyped_storage()  # a sharded (DTensor) parameter: its local shard
         except (RuntimeError, NotImplementedError, TypeError):  # subclasses without storage
             return
         e = self._live.get(id(st))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, dropout_free_setup, tiny_recipe
+from conftest import ROOT, dropout_free_setup, sentiment_rows, tiny_recipe, write_csv
 from peftkit import distributed as dist
 
 

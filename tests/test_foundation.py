@@ -26,7 +26,7 @@ def test_lora_trainable_count_is_exact_on_minilm():
     trainable, total = count_params(b.model)
     assert trainable == lora_expected(b.model.config, 8, 2) == 480_386
     # base model with head, + LoRA factors, + peft's trainable copy of the head (modules_to_save)
-    assert total == 22_713_986 + 331_776 + 770
+    assert total == 22_713_986 + 331_776 + 770 + 147_840  # + the trained copy of pooler.dense (h*h+h)
 
 
 def test_rotten_tomatoes_split_is_deterministic_and_by_film():

@@ -26,4 +26,4 @@ def test_train_tiny_end_to_end(tiny_models, sentiment_dir, tmp_path):
         assert res["speed"]["steps"] == 4 and res["metrics"]["train_loss"] == losses[-1]
         sd = load_file(out / "strategy.safetensors")  # LoRA factors and the new head, nothing else
         assert len(sd) == res["artifact"]["tensors"] and any("lora_A" in k for k in sd)
-        assert all(any(p in k for p in (".lora_", ".classifier.", ".score.")) for k in sd), sorted(sd)
+        assert all(any(p in k for p in (".lora_", ".classifier.", ".score.", ".pooler.")) for k in sd), sorted(sd)
