@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import atomic_write_text
-from .report import cells, pareto
+from .report_table import cells, pareto
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -87,7 +87,7 @@ def safe_json(data) -> str:
 
 def variant_table(aggs: list[dict]) -> str:
     metric = aggs[0]["metric_name"] if aggs else "metric"
-    from .report import COLUMNS
+    from .report_table import COLUMNS
 
     head = "".join(f'<th data-key="{k}">{_e(c.replace("METRIC", metric))}</th>' for k, c in zip(KEYS, COLUMNS))
     rows = []

@@ -177,7 +177,7 @@ def plot_grid(state: dict, path: Path) -> bool:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best")
-    from .report import save_png
+    from .report_table import save_png
 
     save_png(fig, path)
     return True
@@ -213,7 +213,7 @@ def markdown(state: dict, rows: list[dict], rec: dict) -> str:
 
 
 def _pareto_with_ci(out: Path, rep: dict, rows: list[dict]) -> None:
-    from .report import plot
+    from .report_table import plot
 
     half = {r["variant"]: (r["ci"][1] - r["ci"][0]) / 2 for r in rows if r.get("ci")}
     aggs = [{**a, "metric_std": half.get(a["variant"], a.get("metric_std"))} for a in rep["variants"]]

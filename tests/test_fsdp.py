@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -43,6 +45,12 @@ def _losses(run):
     return [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_fsdp2_two_processes_match_one(tiny_models, tmp_path):
     model, data = dropout_free_setup(tiny_models["bert"], tmp_path, 40, 17)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -54,7 +62,11 @@ def test_fsdp2_two_processes_match_one(tiny_models, tmp_path):
         rec.write_text(yaml.safe_dump(tiny_recipe(model, data, strategy, max_steps=4, batch_size=7, grad_accum=2,
                                                   log_every=1, warmup_ratio=0.0)))
         base = [sys.executable, "-m", "peftkit", "train", str(rec), "--out"]
-        for n, extra in ((1, []), (2, ["--launcher", "accelerate", "--nproc", "2", "--accelerate-config", FSDP2])):
+        # Two 2-process groups run at once: each its own rendezvous port (the config's default is 29500).
+        cfg = yaml.safe_load(Path(FSDP2).read_text()) | {"main_process_port": _free_port()}
+        (tmp_path / f"fsdp-{strategy}.yaml").write_text(yaml.safe_dump(cfg))
+        fsdp = str(tmp_path / f"fsdp-{strategy}.yaml")
+        for n, extra in ((1, []), (2, ["--launcher", "accelerate", "--nproc", "2", "--accelerate-config", fsdp])):
             procs[strategy, n] = subprocess.Popen(base + [str(tmp_path / f"{strategy}{n}"), *extra], env=env,
                                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                   text=True)
