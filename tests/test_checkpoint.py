@@ -117,6 +117,7 @@ def test_grad_accum_resume_and_corrupt_fallback(tiny_models, sentiment_dir, tmp_
     assert weights(out) == weights(ref) and metrics(out)[:2] == metrics(ref)[:2]
 
 
+@pytest.mark.slow  # 34 s; exact resume is covered in-process by test_inprocess_kill_resume_is_bitwise_identical
 def test_sigterm_and_sigkill_then_resume(reference, tiny_models, sentiment_dir, tmp_path):
     """Real processes, a SIGTERM then a SIGKILL at random steps: the final weights are the reference's."""
     rec = tmp_path / "r.yaml"

@@ -18,6 +18,7 @@ def _compare_file(tmp_path, tiny_models, sentiment_dir, variants, **extra):
     return f
 
 
+@pytest.mark.slow  # 62 s; compare end to end is also covered by test_executors and test_api
 def test_compare_runs_skips_and_records_failures(tiny_models, sentiment_dir, tmp_path):
     broken = tmp_path / "broken-model"  # a config but no weights: fails at load time, in its process
     broken.mkdir()

@@ -25,6 +25,7 @@ def last_step(log):
     return max([json.loads(x).get("step", 0) for x in lines if x.strip().endswith("}")] or [0])
 
 
+@pytest.mark.slow  # 47 s; a rerun submitting only what is missing is also covered by test_executors
 def test_killed_compare_rerun_resumes(tiny_models, sentiment_dir, tmp_path):
     base = tiny_recipe(tiny_models["bert"], sentiment_dir, "lora", max_steps=12, checkpoint_every=2, log_every=1)
     f = tmp_path / "compare.yaml"

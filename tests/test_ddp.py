@@ -52,6 +52,7 @@ def _env():
             "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # 27 s; 2 processes == 1 is also covered by test_fsdp
 def test_two_processes_match_one(tiny_models, tmp_path):
     model, data = dropout_free_setup(tiny_models["bert"], tmp_path, 60, 33)  # test: odd, shards of 17 and 16
     # batch_size 7 (global): shards of 4 and 3 every step, so the loss reweighting is exercised.

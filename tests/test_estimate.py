@@ -124,6 +124,7 @@ def test_fit_search_and_sizes():
     assert plan._largest(peak, 500, 16, 1, 4096) is None and plan._largest(peak, 10**9, 16, 1, 4096) == 4096
 
 
+@pytest.mark.slow  # 24 s; --fit's search is covered by the plan unit test
 def test_estimate_cli_fit_and_bad_input(tiny_models, sentiment_dir, tmp_path):
     import yaml
 

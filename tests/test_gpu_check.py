@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py in its CPU dry-run mode: every strategy is attempted, results are data."""
 
+import pytest
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from conftest import ROOT
 from peftkit import strategies
 
 
+@pytest.mark.slow  # benchmark smoke: 47 s; `make test-slow`
 def test_gpu_check_dry_run(tiny_models, sentiment_dir, tmp_path):
     out = tmp_path / "results"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run",
