@@ -1,3 +1,4 @@
+import pytest
 import json
 
 import yaml
@@ -6,6 +7,7 @@ from safetensors.torch import load_file
 from conftest import run_cli, tiny_recipe
 
 
+@pytest.mark.slow  # 27 s; the CLI train path is also covered by test_prefix, test_foundation and test_api
 def test_train_tiny_end_to_end(tiny_models, sentiment_dir, tmp_path):
     for kind in ("bert", "llama"):
         rec = tmp_path / f"{kind}.yaml"

@@ -109,6 +109,7 @@ def test_causal_lm_trains_and_generates(tiny_models, instr_dir, tmp_path):
     assert base["speed"]["steps"] == 0 and base["metrics"]["train_loss"] is None
 
 
+@pytest.mark.slow  # 13 s; packing is covered by test_packing, generation by test_causal_lm_trains_and_generates
 def test_sft_cli_lora_packing_rouge(tiny_models, instr_dir, tmp_path):
     rec = tmp_path / "r.yaml"
     rec.write_text(yaml.safe_dump(gen_recipe(tiny_models["llama"], instr_dir, metric="rouge",

@@ -143,6 +143,7 @@ def test_errors_name_file_and_row(tiny_models, ner_dir, tmp_path):
 
 
 @pytest.mark.skipif(not WNUT.is_dir(), reason="needs ../shared/data/wnut17")
+@pytest.mark.slow  # 12 s; NER training is covered in-process in this file
 def test_wnut17_recipe_cli_on_a_few_rows(tiny_models, tmp_path):
     data = yaml.safe_load((ROOT / "recipes/ner/lora.yaml").read_text())
     data["model"]["name"] = str(tiny_models["bert"])
