@@ -25,7 +25,6 @@ import torch
 
 from . import backbone, fakes, hardware, memory, strategies, tasks
 from .errors import UserError
-from .memory import rel_error  # noqa: F401  (re-exported: estimate.rel_error)
 
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")

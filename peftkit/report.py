@@ -11,8 +11,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text
-from .report_table import (BASELINE, COLUMNS, _count, _mib, _ratio, cells, markdown, pareto, plot,  # noqa: F401
-                           print_table, save_png)
+from .report_table import BASELINE, markdown, plot, print_table
 
 SCHEMA = "peftkit.report/1"
 

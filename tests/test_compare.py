@@ -7,7 +7,7 @@ import yaml
 from conftest import run_cli, tiny_recipe
 from peftkit import compare as C
 from peftkit.errors import RecipeError
-from peftkit.report import pareto
+from peftkit.report_table import pareto
 
 
 def _compare_file(tmp_path, tiny_models, sentiment_dir, variants, **extra):
