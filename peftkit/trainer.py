@@ -28,6 +28,7 @@ from .nonfinite import NonFiniteGuard
 from .state import TrainState
 from .progress import live_stats
 from .strategies import count_params
+from .tasks.data import columns
 from .tracking import Tracking
 
 SCHEMA = R.SCHEMA
@@ -127,7 +128,7 @@ class Trainer:
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
         seed = self.tc.seed * 1000 + epoch
         if self.tc.group_by_length:
-            return length_grouped_batches(list(ds["length"]), self.tc.batch_size, seed)
+            return length_grouped_batches(columns(ds, ["length"])["length"], self.tc.batch_size, seed)
         return shuffled_batches(len(ds), self.tc.batch_size, seed)
 
     def epoch_batches(self, ds, epoch: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -142,7 +143,7 @@ class Trainer:
 
     def eval_batches(self, ds) -> list[list[int]]:
         # Sorted by length: eval order does not change metrics, and padding costs time.
-        lengths = list(ds["length"])
+        lengths = columns(ds, ["length"])["length"]
         order = sorted(range(len(ds)), key=lengths.__getitem__)
         bs = self.tc.batch_size * 2
         return [order[k : k + bs] for k in range(0, len(order), bs)]
@@ -354,7 +355,7 @@ class Trainer:
 
     def _estimate(self, train, total_steps: int) -> dict:
         """The memory estimate at the longest batch this run will train on (known up front)."""
-        lengths = list(train["length"])
+        lengths = columns(train, ["length"])["length"]
         need, longest, epoch = total_steps * self.tc.grad_accum, 0, 0
         while need > 0:  # every epoch has at least one batch (epoch_batches): this ends
             batches = self.epoch_batches(train, epoch)[0][:need]

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..config import Section
 from ..errors import DataError
-from .data import BadRows, DataConfig, load_splits
+from .data import BadRows, DataConfig, columns, load_splits
 
 
 class TaskConfig(Section):
@@ -81,7 +81,7 @@ class Task:
         require_columns(ds, self.columns(), self.where(split))
         if type(self).bad_row is Task.bad_row:
             return ds
-        values = {k: ds[k] for k in self.columns()}  # whole columns: much faster than row access
+        values = columns(ds, self.columns())
         keep = []
         for i in range(len(ds)):
             why = self.bad_row({k: v[i] for k, v in values.items()})

@@ -10,6 +10,7 @@ import torch
 from ..assets import locate
 from ..errors import DataError, UserError
 from .base import DataConfig, Task, TaskConfig, cell_text, to_device
+from .data import columns
 
 BUILTIN_LABELS = {"builtin:rotten-tomatoes": ["rotten", "fresh"]}
 
@@ -35,7 +36,8 @@ def rotten_tomatoes(name: str):
     ds = datasets.load_dataset("csv", data_files=str(locate(name)), split="train", keep_default_na=False)
     seen: set[str] = set()
     keep = []
-    for i, (cat, text) in enumerate(zip(ds["category"], ds["text"])):
+    cols = columns(ds, ["category", "text"])
+    for i, (cat, text) in enumerate(zip(cols["category"], cols["text"])):
         if cat in ("fresh", "rotten") and text and text not in seen:
             seen.add(text)
             keep.append(i)
@@ -94,12 +96,13 @@ class Classification(Task):
         c = self.cfg
         label2id = {n: i for i, n in enumerate(self.labels)}
         ids = []
-        for row, v in enumerate(ds[c.label_column]):
+        cols = columns(ds, [c.label_column, c.text_column, *([c.text_pair_column] if c.text_pair_column else [])])
+        for row, v in enumerate(cols[c.label_column]):
             if str(v) not in label2id:
                 raise DataError(f"{self.where(split)}: row {row + 1}: label {v!r} not in the label set {self.labels}")
             ids.append(label2id[str(v)])
-        texts = [cell_text(t) for t in ds[c.text_column]]
-        pairs = [cell_text(t) for t in ds[c.text_pair_column]] if c.text_pair_column else None
+        texts = [cell_text(t) for t in cols[c.text_column]]
+        pairs = [cell_text(t) for t in cols[c.text_pair_column]] if c.text_pair_column else None
         enc = self.tokenizer(texts, pairs, truncation=True, max_length=c.max_length)
         # Only rows cut to exactly max_length can have been truncated: re-tokenize just those.
         cut = [i for i, x in enumerate(enc["input_ids"]) if len(x) == c.max_length]

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from .. import arch
 from ..errors import DataError, UserError
 from .base import Task, TaskConfig, cell_text, to_device
+from .data import columns
 
 PRIMARY = {"accuracy": "accuracy", "rouge": "rougeL", "bleu": "bleu"}
 
@@ -160,9 +161,9 @@ class GenerationTask(Task):
 
     def prompts_refs(self, ds) -> tuple[list[str], list[list[str]]]:
         cols = placeholders(self.cfg.prompt)
-        values = {k: ds[k] for k in cols}
+        values = columns(ds, {*cols, self.cfg.response_column})
         prompts = [self.prompt_text({k: values[k][i] for k in cols}) for i in range(len(ds))]
-        return prompts, [references(v) for v in ds[self.cfg.response_column]]
+        return prompts, [references(v) for v in values[self.cfg.response_column]]
 
     def encode_split(self, split: str, ds):
         import datasets

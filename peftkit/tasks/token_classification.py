@@ -14,6 +14,7 @@ import torch
 
 from ..errors import DataError, UserError
 from .base import Task, TaskConfig, to_device
+from .data import columns
 
 
 class TokenClassificationConfig(TaskConfig):
@@ -61,13 +62,15 @@ class TokenClassification(Task):
 
     def infer_labels(self, raw: dict) -> list[str]:
         # All splits: a tag missing from a (sub-sampled) train split is still a class.
-        return _sort_tags({t for ds in raw.values() for row in ds[self.cfg.tags_column] for t in row})
+        return _sort_tags({t for ds in raw.values() for row in columns(ds, [self.cfg.tags_column])[self.cfg.tags_column]
+                           for t in row})
 
     def _rows(self, split: str, ds) -> tuple[list[list[str]], list[list[int]]]:
         c, where = self.cfg, self.where(split)
         label2id = {n: i for i, n in enumerate(self.labels)}
         words, tag_ids = [], []
-        for row, (toks, tags) in enumerate(zip(ds[c.tokens_column], ds[c.tags_column])):
+        cols = columns(ds, [c.tokens_column, c.tags_column])
+        for row, (toks, tags) in enumerate(zip(cols[c.tokens_column], cols[c.tags_column])):
             if not isinstance(toks, list) or not isinstance(tags, list) or len(toks) != len(tags):
                 raise DataError(f"{where}: row {row + 1}: '{c.tokens_column}' and '{c.tags_column}' "
                                 "must be lists of the same length")
