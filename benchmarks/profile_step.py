@@ -34,7 +34,6 @@ def group_of(key: str) -> str:
 
 
 def run(args) -> dict:
-    from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from peftkit import recipe as R
@@ -42,7 +41,7 @@ def run(args) -> dict:
     from peftkit.trainer import Trainer
 
     rec = R.from_dict({
-        "name": "profile", "model": {"name": args.model},
+        "name": "profile", "model": {"name": args.model, "frozen_dtype": args.frozen_dtype},
         "task": {"kind": "classification", "max_length": args.max_length, "text_column": "sentence",
                  "label_column": "label", "data": common.sst2_data_section(args.n_train, 32, args.data)},
         "strategy": {"name": args.strategy},
@@ -51,12 +50,18 @@ def run(args) -> dict:
         "output": {"save_weights": False}})
     built = build(rec)
     prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=args.wait, warmup=2, active=args.steps))
-    hook = register_optimizer_step_post_hook(lambda *a: prof.step())
+    trainer = None
+
+    def step(run, batches, n):  # the schedule advances per trainer step: a global optimizer hook would
+        Trainer._step(trainer, run, batches, n)  # also count the memory estimate's fake optimizer steps
+        prof.step()
+
     with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(built, d)
+        trainer._step = step
         prof.start()
-        Trainer(built, d).fit()
+        trainer.fit()
         prof.stop()
-    hook.remove()
     ops = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / args.steps / 1e3, "calls_per_step": e.count / args.steps}
            for e in prof.key_averages()]
     total = sum(o["self_ms_per_step"] for o in ops)
@@ -72,7 +77,7 @@ def markdown(data: dict, env: dict) -> str:
     a, tot = data["args"], data["total_self_ms_per_step"]
     lines = ["# Where a training step's time goes (MiniLM, SST-2)", "",
              f"`torch.profiler` (CPU) over {a['steps']} steps of the peftkit trainer after {a['wait'] + 2} untimed ones: "
-             f"strategy {a['strategy']}, batch {a['batch']}, max length {a['max_length']}, {a['precision']}. Operator "
+             f"strategy {a['strategy']}, batch {a['batch']}, max length {a['max_length']}, {a['precision']}, frozen weights {a.get('frozen_dtype', 'auto')}. Operator "
              f"self time, {tot:.1f} ms per step in all (summed over threads' ops, so not wall time).", "",
              "| part | ms / step | share |", "|---|---|---|"]
     lines += [f"| {g} | {ms:.1f} | {100 * ms / tot:.1f}% |" for g, ms in data["groups_ms_per_step"].items()]
@@ -88,6 +93,7 @@ def main(argv=None):
     p.add_argument("--data", type=Path, default=common.SST2)
     p.add_argument("--strategy", default="full")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--frozen-dtype", default="auto", choices=["auto", "keep"], help="model.frozen_dtype")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--n-train", type=int, default=2048)

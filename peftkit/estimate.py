@@ -86,6 +86,8 @@ def fake_model(recipe, config, task, device: str):
         if mc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = strategies.get(recipe.strategy).apply(model, task.head(model))
+        if (frozen := hardware.frozen_dtype(recipe)) is not None:  # as the trainer stores them
+            strategies.cast_frozen(model, frozen)
     model.train()
     return model, auto.__name__, qlinears
 

@@ -150,6 +150,15 @@ def compute_dtype(recipe) -> str:
     return resolve(recipe.train.precision).resolved if cd == "auto" else cd
 
 
+def frozen_dtype(recipe) -> torch.dtype | None:
+    """The dtype frozen weights are stored in for this run (``model.frozen_dtype``), None = as loaded:
+    the autocast dtype when the run trains under bf16/fp16 autocast over fp32 weights."""
+    prec = resolve(recipe.train.precision).resolved
+    if recipe.model.frozen_dtype != "auto" or prec == "fp32" or recipe.model.dtype != "fp32":
+        return None
+    return torch.bfloat16 if prec == "bf16" else torch.float16
+
+
 def pin_precision(recipe):
     """The recipe with ``train.precision`` resolved for this machine."""
     prec = resolve(recipe.train.precision).resolved

@@ -31,6 +31,9 @@ class ModelConfig(Section):
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # 4-bit layers; auto: train.precision's (hardware.py)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     gradient_checkpointing: bool = False
+    # auto: under bf16/fp16 autocast, frozen linear weights are stored once in that dtype
+    # (autocast's per-step re-cast becomes a no-op; half their memory); keep: as loaded
+    frozen_dtype: Literal["auto", "keep"] = "auto"
     trust_remote_code: bool = False
 
 

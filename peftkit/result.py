@@ -33,6 +33,7 @@ def build(run, final: dict, rss, wall_s: float, artifact: dict, estimate_at_meas
             "recipe_hash": b.recipe.hash(),
             "recipe": b.recipe.to_dict(),
             "precision": hardware.resolve(tc.precision).record(),  # cached: what the trainer resolved
+            "frozen_weights": run.frozen_cast,  # {dtype, bytes_saved} when stored in the autocast dtype
             "world_size": acc.num_processes,
             "distributed_type": dist.distributed_type(acc),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

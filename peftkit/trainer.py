@@ -27,7 +27,7 @@ from .log import Progress, RunLog, warn
 from .nonfinite import NonFiniteGuard
 from .state import TrainState
 from .progress import live_stats
-from .strategies import count_params
+from .strategies import cast_frozen, count_params
 from .tasks.data import columns
 from .tracking import Tracking
 
@@ -83,6 +83,7 @@ class Run:
     probe: memory.StepPeak  # live memory peak of one step after warm-up
     estimate: dict
     params: tuple[int, int]  # (trainable, total), before FSDP/ZeRO shard them
+    frozen_cast: dict | None  # frozen weights stored in the autocast dtype (model.frozen_dtype), or None
     state: TrainState = field(default_factory=TrainState)
     resumed_from: int | None = None
     times: dict = field(default_factory=dict)  # load_s, data_s, estimate_s, train_s, eval_s
@@ -223,6 +224,9 @@ class Trainer:
 
     def _prepare(self, data: dict, total: int, ck: Checkpointer) -> Run:
         b, tc, acc = self.b, self.tc, self.acc
+        frozen, cast = hardware.frozen_dtype(b.recipe), None
+        if frozen is not None and not dist.sharded(acc):  # FSDP/ZeRO flatten a unit in one dtype
+            cast = {"dtype": str(frozen).removeprefix("torch."), "bytes_saved": cast_frozen(self.model, frozen)}
         params = count_params(self.model)  # before FSDP/ZeRO shard the parameters
         opt = make_optimizer(self.model, tc)
         from transformers import get_scheduler
@@ -243,7 +247,7 @@ class Trainer:
         return Run(built=b, acc=acc, data=data, train=data["train"], total=total, model=model, opt=opt,
                    sched=sched, ck=ck, guard=NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, acc.scaler, warn),
                    timer=measure.StepTimer(warmup=min(3, max(0, total // 5))), counter=counter,
-                   probe=memory.StepPeak(at=0), estimate=est, params=params,
+                   probe=memory.StepPeak(at=0), estimate=est, params=params, frozen_cast=cast,
                    times={"estimate_s": estimate_s})
 
     def _epoch(self, run: Run):

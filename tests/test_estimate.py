@@ -11,7 +11,9 @@ from peftkit.build import build
 from peftkit.trainer import Trainer
 
 SLOW = pytest.mark.slow  # ~25 s each on a loaded 2-core machine; every strategy stays in the default run
-CASES = [("bert", s, {}, {}) for s in sorted(strategies.REGISTRY)] + [pytest.param(*c, marks=SLOW) for c in [
+CASES = [("bert", s, {}, {}) for s in sorted(strategies.REGISTRY)] + [
+    ("bert", "lora", {"precision": "bf16"}, {}),  # frozen weights stored in bf16 (model.frozen_dtype auto)
+] + [pytest.param(*c, marks=SLOW) for c in [
     ("llama", "full", {}, {}),
     ("llama", "qlora", {}, {}),
     ("llama", "prefix", {}, {}),

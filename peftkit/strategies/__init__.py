@@ -1,6 +1,6 @@
 """Strategy registry: adding a strategy is one module and one line here."""
 
-from .base import Strategy, StrategyConfig, count_params
+from .base import Strategy, StrategyConfig, cast_frozen, count_params
 from .adapter import Adapter
 from .bitfit import BitFit
 from .freeze import Freeze
@@ -26,4 +26,4 @@ def get(cfg: StrategyConfig) -> Strategy:
     return REGISTRY[cfg.name](cfg)
 
 
-__all__ = ["REGISTRY", "Strategy", "StrategyConfig", "count_params", "get"]
+__all__ = ["REGISTRY", "Strategy", "StrategyConfig", "cast_frozen", "count_params", "get"]

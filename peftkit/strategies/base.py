@@ -103,4 +103,34 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights of linear layers in ``dtype``, once; bytes saved.
+
+    Under bf16/fp16 autocast every linear re-casts its fp32 weight at every forward (and the
+    backward keeps the cast copy): for a frozen weight that copy is the same each step. Stored
+    in the compute dtype, autocast's cast is a no-op and the results are bit-identical.
+    Trainable parameters (adapters, head, BitFit's biases) stay fp32 for the optimizer;
+    embeddings and norms stay as loaded (no autocast cast to save: a bf16 embedding would
+    change the dtype of the residual stream). A weight tied to a non-linear module (an
+    embedding shared with the output projection) is left alone.
+    """
+    owners: dict[int, list[nn.Module]] = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(mod)
+    saved, seen = 0, set()
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        for p in mod._parameters.values():
+            if (p is None or p.requires_grad or not p.is_floating_point() or p.dtype == dtype or id(p) in seen
+                    or not all(isinstance(o, nn.Linear) for o in owners[id(p)])):
+                continue
+            seen.add(id(p))
+            saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+            p.data = p.data.to(dtype)  # in place on the Parameter: module references stay valid
+    return saved
+
+
 Precision = Literal["fp32", "bf16", "fp16"]
