@@ -71,7 +71,8 @@ class StepClock:
     A global optimizer post-hook stamps the end of every step; a forward pre-hook on the
     model counts samples and real (attention-mask) tokens of training forwards. The time of
     step i is stamp[i] - stamp[i-1]: it includes data loading, logging and everything else
-    the loop does between two optimizer steps.
+    the loop does between two optimizer steps. Steps of other optimizers (no training
+    forward of this model before them) are not stamped.
     """
 
     def __init__(self, model):
@@ -101,6 +102,8 @@ class StepClock:
         self._p += ids.numel()
 
     def _post(self, opt, args, kwargs):
+        if not self._s:  # no training forward of this model since the last step: not its optimizer
+            return  # (e.g. peftkit's memory estimate steps an optimizer over fake tensors)
         self.stamps.append(time.perf_counter())
         self.samples.append(self._s)
         self.tokens.append(self._t)
@@ -110,6 +113,15 @@ class StepClock:
     def close(self):
         self._h1.remove()
         self._h2.remove()
+
+    def phases(self, t_process: float) -> dict:
+        """Seconds from ``t_process`` (the worker's first line, before any import) to the first
+        training forward (start-up), from there to the last optimizer step (the training phase,
+        first steps included), and both (time to a trained model)."""
+        end = self.stamps[-1] if self.stamps else None
+        return {"startup_s": self.t_start - t_process if self.t_start else None,
+                "epoch_s": end - self.t_start if end and self.t_start else None,
+                "to_trained_s": end - t_process if end else None}
 
     def summary(self, warmup: int) -> dict:
         """Throughput over the steps after ``warmup`` (from the end of step ``warmup``)."""

@@ -21,13 +21,16 @@ from the attention mask); memory is the peak RSS above the RSS just before train
 
 from __future__ import annotations
 
+import time
+
+T_PROCESS = time.perf_counter()  # a worker's start, before any import: start-up is part of what a user waits for
+
 import argparse
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,11 +43,11 @@ LORA = dict(r=8, alpha=16.0, targets=["query", "key", "value", "output.dense", "
 def _policy(spec: dict, tool: str) -> dict:
     """precision / padding / batch order / optimizer of this tool in this setting."""
     if spec["setting"] == "identical":
-        return {"precision": spec.get("precision", "bf16"), "pad_to_max": False, "group_by_length": True,
+        return {"precision": spec["precision"], "pad_to_max": False, "group_by_length": True,
                 "optimizer": "adamw_fused"}
     if tool == "hf":  # run_glue.py defaults on a CPU: pad_to_max_length, fp32, RandomSampler
         return {"precision": "fp32", "pad_to_max": True, "group_by_length": False, "optimizer": "hf_default"}
-    return {"precision": "bf16", "pad_to_max": False, "group_by_length": True, "optimizer": None}
+    return {"precision": "auto", "pad_to_max": False, "group_by_length": True, "optimizer": None}
 
 
 def worker_peftkit(spec: dict) -> dict:
@@ -82,8 +85,8 @@ def worker_peftkit(spec: dict) -> dict:
         with measure.PeakRSS() as rss:
             res = trainer.fit()
         clock.close()
-    out = {"speed": clock.summary(spec["warmup"]), "peak_rss_delta_bytes": rss.peak - rss.baseline,
-           "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(),
+    out = {"speed": clock.summary(spec["warmup"]), "phases": clock.phases(T_PROCESS),
+           "peak_rss_delta_bytes": rss.peak - rss.baseline, "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(),
            "policy": pol, "trainer_speed": res["speed"], "trainer_memory": res["memory"]["measured"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "optimizer": rec.train.optimizer}
     if spec["eval"]:
@@ -138,8 +141,8 @@ def worker_hf(spec: dict) -> dict:
         with measure.PeakRSS() as rss:
             trainer.train()
         clock.close()
-        out = {"speed": clock.summary(spec["warmup"]), "peak_rss_delta_bytes": rss.peak - rss.baseline,
-               "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(), "policy": pol,
+        out = {"speed": clock.summary(spec["warmup"]), "phases": clock.phases(T_PROCESS),
+               "peak_rss_delta_bytes": rss.peak - rss.baseline, "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(), "policy": pol,
                "hf_optim": str(args.optim), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
         if spec["eval"]:
             pred = trainer.predict(test.remove_columns(["length"]))
@@ -158,8 +161,12 @@ def _env(spec: dict) -> dict:
 
 def run(args) -> dict:
     script = Path(__file__).resolve()
+    from peftkit import hardware
+
+    precision = hardware.resolve(args.precision).resolved  # one value for both tools (auto: what this CPU runs fast)
+    steps = -(-args.n_train // args.batch) if args.epoch else args.steps
     base = dict(model=args.model, data=str(args.data), n_train=args.n_train, batch=args.batch,
-                max_length=args.max_length, warmup_ratio=0.06, seed=0)
+                max_length=args.max_length, warmup_ratio=0.06, seed=0, precision=precision)
     lrs = {"full": args.lr_full, "lora": args.lr_lora}
     runs = []
     for setting in args.settings:
@@ -168,11 +175,13 @@ def run(args) -> dict:
                 tools = ("peftkit", "hf") if rep % 2 == 0 else ("hf", "peftkit")  # alternate who goes first
                 for tool in tools:
                     spec = {**base, "tool": tool, "setting": setting, "strategy": strategy, "lr": lrs[strategy],
-                            "steps": args.steps, "warmup": args.warmup, "eval": False}
+                            "steps": steps, "warmup": args.warmup, "eval": False}
                     r = common.run_worker(script, spec, env=_env(spec))
                     runs.append({"spec": spec, "rep": rep, **r})
+                    ph = r["phases"]
                     print(f"{setting:9s} {strategy:5s} rep {rep} {tool:7s}: {r['speed']['samples_per_s']:7.1f} samples/s "
                           f"{r['speed']['tokens_per_s']:8.0f} tok/s  peak +{r['peak_rss_delta_bytes'] / 2**20:6.0f} MiB "
+                          f"start-up {ph['startup_s']:.1f} s, training {ph['epoch_s']:.1f} s "
                           f"(load {r['loadavg_after'][0]:.2f})", flush=True)
     acc = []
     if args.acc_steps:
@@ -188,7 +197,7 @@ def run(args) -> dict:
                           f"{args.acc_steps} steps ({r['speed']['samples_per_s']:.1f} samples/s)", flush=True)
     return {"schema": "peftkit.bench.vs_hf/1", "args": {k: str(v) if isinstance(v, Path) else v
                                                           for k, v in vars(args).items()},
-            "runs": runs, "accuracy_runs": acc, "summary": summarize(runs, acc)}
+            "precision": precision, "steps": steps, "runs": runs, "accuracy_runs": acc, "summary": summarize(runs, acc)}
 
 
 def summarize(runs: list[dict], acc: list[dict]) -> dict:
@@ -208,6 +217,10 @@ def summarize(runs: list[dict], acc: list[dict]) -> dict:
             row[name] = {"peftkit": common.spread([get(p) for p, _ in pairs]),
                          "hf": common.spread([get(h) for _, h in pairs]),
                          "ratio": common.spread([get(p) / get(h) if get(h) else None for p, h in pairs])}
+        for name in ("startup_s", "epoch_s", "to_trained_s"):  # HF / peftkit: > 1 = peftkit faster
+            row[name] = {"peftkit": common.spread([p["phases"][name] for p, _ in pairs]),
+                         "hf": common.spread([h["phases"][name] for _, h in pairs]),
+                         "speedup": common.spread([h["phases"][name] / p["phases"][name] for p, h in pairs])}
         row["padding_frac"] = {"peftkit": common.spread([p["speed"]["padding_frac"] for p, _ in pairs]),
                                "hf": common.spread([h["speed"]["padding_frac"] for _, h in pairs])}
         out[f"{setting}/{strategy}"] = row
@@ -257,6 +270,19 @@ def markdown(data: dict, env: dict) -> str:
             f"{common.fmt(m['hf']['median'] / 2**20, 0)} | {common.fmt(m['ratio']['median'], 2)} | "
             f"{100 * row['padding_frac']['peftkit']['median']:.0f}% / {100 * row['padding_frac']['hf']['median']:.0f}% | "
             f"≥{tgt}× samples/s, ≤1× mem: {met} |")
+    timed = {k: v for k, v in data["summary"].items() if "epoch_s" in v}
+    if timed:
+        lines += ["", "Time a user waits, per run (median over repetitions; speed-up = HF / peftkit, paired by "
+                  "repetition): start-up = worker's first line (before any import) to the first training forward; "
+                  f"training = first forward to the last optimizer step ({data.get('steps', a['steps'])} steps, "
+                  "first steps and everything the loop does included); to trained = both.", "",
+                  "| setting | strategy | start-up peftkit / HF | speed-up | training peftkit / HF | speed-up | "
+                  "to trained peftkit / HF | speed-up |", "|---|---|---|---|---|---|---|---|"]
+        for key, row in timed.items():
+            cells = [f"{common.fmt(row[n]['peftkit']['median'])} s / {common.fmt(row[n]['hf']['median'])} s | "
+                     f"{common.fmt(row[n]['speedup']['median'], 2)}× [{common.fmt(row[n]['speedup']['min'], 2)} – "
+                     f"{common.fmt(row[n]['speedup']['max'], 2)}]" for n in ("startup_s", "epoch_s", "to_trained_s")]
+            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | " + " | ".join(cells) + " |")
     accs = {k: v["accuracy"] for k, v in data["summary"].items() if "accuracy" in v}
     if accs:
         lines += ["", "Accuracy on SST-2 test.tsv (872 sentences), recommended defaults, same steps/lr/batch and "
@@ -267,9 +293,9 @@ def markdown(data: dict, env: dict) -> str:
             lines.append(f"| {key.split('/')[1]} | {v.get('steps')} | {p['seeds']} | "
                          f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}% | {100 * h['mean']:.2f} ± {100 * h['std']:.2f}% | "
                          f"{100 * (p['mean'] - h['mean']):+.2f} pt |")
-    lines += ["", "Policies: identical = bf16 autocast, dynamic padding, length-grouped batches, fused AdamW and "
+    lines += ["", f"Policies: identical = {data.get('precision', 'bf16')} (both tools), dynamic padding, length-grouped batches, fused AdamW and "
               "OMP_WAIT_POLICY=PASSIVE for both; defaults = HF `run_glue.py` style (fp32, pad to max_length, random "
-              "batches, `adamw_torch_fused`) vs peftkit recipe defaults (bf16 autocast, "
+              "batches, `adamw_torch_fused`) vs peftkit recipe defaults (precision auto, "
               "dynamic padding, length-grouped batches, fused AdamW). Both tools run with OMP_WAIT_POLICY=PASSIVE in "
               "both settings (peftkit sets it on import; HF gets it from the environment, which favours HF on a "
               "loaded CPU).", "", "## Environment", "", *common.env_lines(env),
@@ -297,6 +323,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n-train", type=int, default=2048, help="fixed seeded subset of train.tsv used for timing")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--epoch", action="store_true", help="timing runs train one epoch of --n-train (not --steps)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="precision of the identical setting, both tools (auto: peftkit's choice for this machine)")
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from timing")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
