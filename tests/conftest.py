@@ -58,12 +58,14 @@ TINY = {
 }
 
 
-def build_tiny(kind: str, dest: Path) -> Path:
-    """A tiny random model of an architecture, saved as a from_pretrained directory."""
+def build_tiny(kind: str, dest: Path, **config) -> Path:
+    """A tiny random model of an architecture, saved as a from_pretrained directory;
+    ``config`` overrides its config (e.g. hidden_size=64: bitsandbytes' CPU 4-bit kernel needs it)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(0)
     cfg = TINY[kind]()
+    cfg.update(config)
     auto = {"bert": AutoModel, "t5": AutoModelForSeq2SeqLM}.get(kind, AutoModelForCausalLM)
     model = auto.from_config(cfg)
     model.save_pretrained(dest)
