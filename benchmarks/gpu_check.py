@@ -7,7 +7,7 @@ step against eager (compile time apart from steady steps) and frozen weights sto
 compute dtype against fp32; then scale-out: two compare runs at once (``--parallel 2``, one GPU
 each, or sharing one GPU) and FSDP2 over 2 GPUs against one process (when >= 2 GPUs are visible).
 
-    python benchmarks/gpu_check.py                  # CUDA machine, < 8 min on one H200 (--budget-s)
+    python benchmarks/gpu_check.py                  # CUDA machine; no check starts after --budget-s (450 s)
     python benchmarks/gpu_check.py --dry-run --encoder DIR --decoder DIR --data DIR --out DIR
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md (default OUT: benchmarks/results/) after every
