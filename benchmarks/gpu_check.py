@@ -141,10 +141,10 @@ def compiled(c: Checks, peak) -> None:
             return G.recipe(model, "lora", a, attn="sdpa", steps=a.compile_steps, save=False)
 
         eager = c.attempt("compile", {"model": model, "strategy": "lora", "compile": False},
-                          lambda: G.eager_row(rd(), peak))
+                          lambda: G.bucketed_run(rd(), peak, compiled=False))
 
         def comp(eager=eager):
-            row = G.compile_row(rd(), peak, a.compile_backend)
+            row = G.bucketed_run(rd(), peak, compiled=True, backend=a.compile_backend)
             return {**row, "vs_eager": G.vs_eager(row, eager, peak)}
 
         c.attempt("compile", {"model": model, "strategy": "lora", "compile": True}, comp)

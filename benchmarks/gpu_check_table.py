@@ -127,9 +127,8 @@ def compiled(r: dict) -> list[str]:
                     f"{num(c.get('first_step_s'), '.2f')} | {warm} | {num(c.get('overhead_s'), '.2f')} | "
                     f"{num(vs.get('compile_s'), '.1f')} | {num(c.get('graphs'), 'd')} | {times(vs.get('speedup'))} | "
                     f"{num(vs.get('break_even_steps'), 'd')} | {c.get('error', '')}")
-    via = next((c["padding_via"] for c in r.get("compile", []) if c.get("padding_via")), "–")
     return table("Compiled vs eager (`train.compile`)",
-                 f"LoRA; both rows pad lengths to the same buckets ({via}). The first step and the warm-up "
+                 "LoRA; both rows pad lengths to the same buckets (`train.pad_to_multiple_of`). The first step and the warm-up "
                  "(the steps the median leaves out) hold the compilation; overhead = train_s − steps × median "
                  "step (compilation, warm-up, the memory probe); compile s = torch._dynamo's own compile wall "
                  "time (forward, backward, recompiles); graphs = graphs compiled (recompiles for new shapes "

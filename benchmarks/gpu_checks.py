@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from peftkit import flops, recipe as R, tasks
+from peftkit import flops, recipe as R
 from peftkit.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = 32  # sequence lengths padded to a multiple of this for the compiled rows (few shapes, few recompiles)
+BUCKET = 16  # compiled-vs-eager rows: train.pad_to_multiple_of, the trainer's default when compile is on
 
 
 def recipe(model: str, strategy: str, a, *, attn: str, steps: int, save: bool, kind: str = "classification") -> dict:
@@ -62,16 +62,13 @@ def _estimate(mem: dict) -> dict:
     return at if at and "error" not in at else mem.get("estimate") or {}
 
 
-def run(rd: dict, peak: float | None, prepare=None) -> dict:
-    """Train + evaluate one recipe in this process; the numbers the tables need.
-    ``prepare(built)`` may adjust the built run before training (the padding shim)."""
+def run(rd: dict, peak: float | None) -> dict:
+    """Train + evaluate one recipe in this process; the numbers the tables need."""
     from peftkit.build import build
 
     from accelerate.state import AcceleratorState
 
     built = build(R.from_dict(rd))
-    if prepare is not None:
-        prepare(built)
     with tempfile.TemporaryDirectory() as d:
         try:
             trainer = _TimedTrainer(built, d)
@@ -97,7 +94,7 @@ def run(rd: dict, peak: float | None, prepare=None) -> dict:
         # number the estimate is compared with (memory.section).
         "peak_bytes": mem["measured"].get("max_allocated_bytes", mem["measured"].get("peak_bytes")),
         "reserved_bytes": mem["measured"].get("max_reserved_bytes"),
-        "step_peak_bytes": mem.get("peak_bytes"),
+        "step_peak_bytes": mem.get("peak_bytes"), "step_batch_shape": (mem["measured"].get("live") or {}).get("batch_shape"),
         "estimate_bytes": est.get("peak_bytes"), "estimate_error": mem["errors"]["estimate_vs_measured"],
         "estimate_at": est.get("seq_source"), "estimate_basis": mem["errors"]["basis"],
         "tokens_per_s": sp["train_tokens_per_s"], "samples_per_s": sp["train_samples_per_s"],
@@ -127,22 +124,6 @@ def ratios(row: dict, ref: dict) -> dict:
 
 
 # -- compiled vs eager ------------------------------------------------------------------------
-def padding(rd: dict) -> tuple[dict, object, dict]:
-    """Lengths padded to a multiple of BUCKET, so a compiled step meets a few shapes, not one
-    per batch: the recipe key when the task has one, else a shim on the tokenizer's ``pad``
-    (what the classification collator calls) with the same effect. (recipe, prepare, fields)."""
-    label = {"padding": f"multiple of {BUCKET}"}
-    if "pad_to_multiple_of" in tasks.REGISTRY[rd["task"]["kind"]].Config.model_fields:
-        rd["task"]["pad_to_multiple_of"] = BUCKET
-        return rd, None, {**label, "padding_via": "task.pad_to_multiple_of"}
-
-    def prepare(built):
-        tok = built.task.tokenizer
-        tok.pad = functools.partial(type(tok).pad, tok, pad_to_multiple_of=BUCKET)
-    return rd, prepare, {**label, "padding_via": "a benchmark shim on tokenizer.pad: this peftkit has no "
-                                                 "task.pad_to_multiple_of"}
-
-
 @contextlib.contextmanager
 def compile_backend(backend: str | None):
     """The trainer calls ``torch.compile(model)``; here with ``backend`` (the dry run: dynamo's
@@ -156,26 +137,24 @@ def compile_backend(backend: str | None):
         torch.compile = original
 
 
-def compile_row(rd: dict, peak: float | None, backend: str | None) -> dict:
-    """One compiled run, dynamo reset first (its caches would hide this model's compile time)."""
+def bucketed_run(rd: dict, peak: float | None, compiled: bool, backend: str | None = None) -> dict:
+    """One run with lengths padded to a multiple of BUCKET (a compiled step meets a few shapes,
+    not one per batch), eager or compiled; dynamo is reset first (its caches would hide this
+    model's compile time)."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import calculate_time_spent, counters
 
-    rd["train"]["compile"] = True
-    rd, prepare, fields = padding(rd)
+    rd["train"].update(pad_to_multiple_of=BUCKET, compile=compiled)
+    fields = {"padding": f"multiple of {BUCKET}"}
+    if not compiled:
+        return {**run(rd, peak), **fields}
     dynamo.reset()
     counters.clear()
     before = calculate_time_spent().get("total_wall_time", 0.0)
     with compile_backend(backend):
-        out = run(rd, peak, prepare)
-    out.update(fields, backend=backend or "inductor", graphs=counters["stats"].get("unique_graphs"),
-               dynamo_compile_s=calculate_time_spent().get("total_wall_time", 0.0) - before)
-    return out
-
-
-def eager_row(rd: dict, peak: float | None) -> dict:
-    rd, prepare, fields = padding(rd)
-    return {**run(rd, peak, prepare), **fields}
+        out = run(rd, peak)
+    return {**out, **fields, "backend": backend or "inductor", "graphs": counters["stats"].get("unique_graphs"),
+            "dynamo_compile_s": calculate_time_spent().get("total_wall_time", 0.0) - before}
 
 
 def vs_eager(compiled: dict, eager: dict, peak: float | None) -> dict:

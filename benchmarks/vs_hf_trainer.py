@@ -62,15 +62,18 @@ def worker_peftkit(spec: dict) -> dict:
         strategy.update(r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["targets"])
     rec = R.from_dict({
         "name": "bench",
-        "model": {"name": spec["model"]},
+        "model": {"name": spec["model"], **spec.get("model_extra", {})},
+        # identical: HF's peft model trains the classifier only, so the pooler stays frozen here too
         "task": {"kind": "classification", "max_length": spec["max_length"], "text_column": "sentence",
+                 **({"train_pooler": False} if spec["setting"] == "identical" else {}),
                  "label_column": "label",
                  "data": common.sst2_data_section(spec["n_train"], None if spec["eval"] else 32, Path(spec["data"]))},
         "strategy": strategy,
         "train": {"seed": spec["seed"], "max_steps": spec["steps"], "batch_size": spec["batch"], "lr": spec["lr"],
                   "warmup_ratio": spec["warmup_ratio"], "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "precision": pol["precision"], **({"optimizer": pol["optimizer"]} if pol["optimizer"] else {}),
-                  "group_by_length": pol["group_by_length"], "progress": False, "log_every": 10},
+                  "group_by_length": pol["group_by_length"], "progress": False, "log_every": 10,
+                  **spec.get("train_extra", {})},
         "output": {"save_weights": False},
     })
     built = build(rec)

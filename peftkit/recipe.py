@@ -59,6 +59,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     compile: bool = False
+    # round each training batch's padded length up to a multiple (peftkit/bucket.py): fewer
+    # shapes for torch.compile to specialise on; None = 16 when compile is on, else off
+    pad_to_multiple_of: int | None = Field(None, ge=1)
     padding_free: bool = False  # causal LM: one row per batch, no padding (fastest with flash_attention_2)
     progress: bool = True
     checkpoint_every: int | None = Field(200, ge=1)  # steps; None = only on SIGINT/SIGTERM

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from . import flops, hardware, measure, memory, packing
+from . import bucket, flops, hardware, measure, memory, packing
 from . import result as R
 from .build import Built
 from .optim import make_optimizer
@@ -142,6 +142,11 @@ class Trainer:
             raise UserError(f"task.data: the train split has {len(ds)} example(s): {why}")
         return kept, local
 
+    def bucket_multiple(self) -> int | None:
+        """Training batches' padded length is rounded up to this (None: dynamic padding)."""
+        m = self.tc.pad_to_multiple_of
+        return m if m is not None else (16 if self.tc.compile else None)
+
     def eval_batches(self, ds) -> list[list[int]]:
         # Sorted by length: eval order does not change metrics, and padding costs time.
         lengths = columns(ds, ["length"])["length"]
@@ -259,6 +264,9 @@ class Trainer:
         world = self.acc.num_processes
         weights = [dist.loss_weight(len(s), len(g), world) for g, s in zip(global_batches, local)]
         collate = packing.PaddingFree() if tc.padding_free else None
+        if (m := self.bucket_multiple()) and not tc.padding_free:
+            collate = bucket.PadToMultiple(self.b.task.collate, m, self.b.tokenizer.pad_token_id,
+                                           self.b.recipe.task.max_length)
         loader = dist.device_loader(self._loader(run.train, local, collate), self.acc.device) if local else []
         n = len(local)
         # The last step of an epoch takes what is left (a short group; accelerate syncs at the loader's end).
@@ -366,7 +374,8 @@ class Trainer:
             longest = max([longest, *(max(lengths[i] for i in b) for b in batches)])
             need, epoch = need - len(batches), epoch + 1
         return self._estimate_safe(batch_size=max(1, self.tc.batch_size // self.acc.num_processes),
-                                   seq_len=longest, seq_source="longest batch of this run")
+                                   seq_len=bucket.round_up(longest, self.bucket_multiple(), self.b.recipe.task.max_length),
+                                   seq_source="longest batch of this run")
 
     def _estimate_safe(self, **kw) -> dict:
         from .estimate import estimate
