@@ -29,7 +29,7 @@ def test_pad_to_multiple_pads_every_token_key():
     assert b["cls"].tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["bert", pytest.param("llama", marks=pytest.mark.slow)])  # llama: 20 s more
 def test_bucketed_training_has_the_dynamic_padding_loss(tiny_models, sentiment_dir, tmp_path, kind):
     """Extra right padding is masked out: the first step's loss is the dynamic-padding one
     (same data order and init; no dropout, whose masks depend on the shape), and every
