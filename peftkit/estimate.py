@@ -120,11 +120,11 @@ def _warm_optimizer(model, tc):
     return opt
 
 
-def _step(model, opt, batch: dict, micro: int, tc) -> None:
+def _step(model, opt, batch: dict, micro: int, tc, task) -> None:
     amp = tc.precision in ("bf16", "fp16")
     for _ in range(micro):
         with torch.autocast("cpu", dtype=backbone.DTYPES[tc.precision], enabled=amp):
-            loss = model(**batch).loss
+            loss = task.train_loss(model, batch)
         loss.backward()
         del loss
     if tc.max_grad_norm:
@@ -211,7 +211,7 @@ class _FakeRun:
     def __init__(self, recipe, config, task, target: str):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        self.tc, self.target = recipe.train, target
+        self.tc, self.target, self.task = recipe.train, target, task
         self.model, self.auto_name, qlinears = fake_model(recipe, copy.deepcopy(config), task, target)
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         with self.mode:
@@ -232,7 +232,7 @@ class _FakeRun:
             fb = _fake_batch(self.auto_name, batch, seq, self.tc.padding_free)
             try:
                 with tracker:
-                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc)
+                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc, self.task)
             finally:
                 for h in handles:
                     h.remove()
