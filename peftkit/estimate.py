@@ -12,7 +12,9 @@ Stand-ins where the real kernels cannot run on fake tensors (see ``fakes.py``):
 4-/8-bit linears hold packed weights plus bitsandbytes' quant state and dequantize a
 compute-dtype copy of the weight per call (as bitsandbytes does); ``device="cuda"`` swaps
 attention for a flash/memory-efficient stand-in (O(seq) statistics, no score matrix),
-rounds every block to 512 B and adds a stated CUDA-context allowance.
+rounds every block to 512 B and adds a stated CUDA-context allowance. Activation
+offloading runs ``offload.py``'s own hooks with ``simulated=True``: a tensor sent to the host
+leaves the traced device memory and is allocated anew when backward unpacks it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from __future__ import annotations
 import copy
 import time
 import types
+from contextlib import nullcontext
 
 import torch
 
-from . import backbone, fakes, hardware, memory, strategies, tasks
+from . import backbone, fakes, hardware, memory, offload, strategies, tasks
 from .errors import UserError
 
 
@@ -123,7 +126,8 @@ def _warm_optimizer(model, tc):
 def _step(model, opt, batch: dict, micro: int, tc, task) -> None:
     amp = tc.precision in ("bf16", "fp16")
     for _ in range(micro):
-        with torch.autocast("cpu", dtype=backbone.DTYPES[tc.precision], enabled=amp):
+        with (torch.autocast("cpu", dtype=backbone.DTYPES[tc.precision], enabled=amp),
+              offload.hooks(simulated=True) if tc.activation_offloading else nullcontext()):
             loss = task.train_loss(model, batch)
         loss.backward()
         del loss
@@ -151,6 +155,9 @@ class Estimator:
     def __init__(self, recipe, device: str | None = None, task=None, tokenizer=None):
         recipe = hardware.pinned(recipe)  # precision/compute_dtype auto: what this machine runs
         self.recipe, self.target = recipe, device or "cpu"
+        if recipe.train.activation_offloading and self.target != "cuda":
+            raise UserError("train.activation_offloading: a CUDA feature (saved activations move from GPU to host "
+                            "memory); estimate it with --device cuda")
         config = _config(recipe.model)
         self.config = config
         self.task = task or tasks.get(recipe.task, _tokens(config, tokenizer if tokenizer is not None

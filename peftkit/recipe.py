@@ -57,6 +57,8 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0)
     compile: bool = False
     padding_free: bool = False  # causal LM: one row per batch, no padding (fastest with flash_attention_2)
+    # CUDA: tensors saved for backward wait in host memory (offload.py); with gradient checkpointing, the layer inputs
+    activation_offloading: bool = False
     progress: bool = True
     checkpoint_every: int | None = Field(200, ge=1)  # steps; None = only on SIGINT/SIGTERM
     keep_checkpoints: int = Field(2, ge=1)
