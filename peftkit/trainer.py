@@ -274,8 +274,7 @@ class Trainer:
         with run.timer.step(), self.measure_step(run, memory.batch_shape(first[0])):
             for i, (batch, w) in enumerate(itertools.chain([first], itertools.islice(batches, n - 1))):
                 with acc.accumulate(model):
-                    # autocast also over a loss computed outside model.forward (chunked_loss.py)
-                    with acc.autocast(), offload.hooks() if self.tc.activation_offloading else nullcontext():
+                    with offload.hooks() if self.tc.activation_offloading else nullcontext():
                         loss = self.b.task.train_loss(model, batch)
                     s = w * group_scale
                     acc.backward(loss if s == 1.0 else loss * s)

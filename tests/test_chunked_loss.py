@@ -143,3 +143,20 @@ def test_trainer_trains_the_same_with_the_chunked_loss(tiny_models, instr_dir, t
         # fp32; the chunks sum the loss in another order, Adam's 1/sqrt(v) can show it (cf. test_packing)
         assert (weights[16][k] - weights[None][k]).norm() <= 1e-3 * moved, k
     assert any(weights[16][k].abs().sum() > 0 for k in weights[16] if "lora_B" in k)
+
+
+def test_model_flops_count_the_chunked_output_layer(tiny_models):
+    from peftkit.flops import FlopCounter
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).train()
+    ids = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    counts = []
+    for fn in (lambda: model(**b).loss, lambda: causal_lm_loss(model, b, 8)):
+        with FlopCounter(model, reuse=False) as counter:
+            fn().backward()
+            counts.append(counter.take())
+    # the same useful FLOPs; chunking adds only the dropped one-position output layer (2 rows of 32)
+    head = 2 * 32 * model.config.vocab_size * 3 * 2  # rows x in x out x (fwd, weight and input grads) x 2 FLOPs
+    assert counts[1] == pytest.approx(counts[0] + head, rel=1e-9)
