@@ -5,8 +5,9 @@
     loads) vs the measured live-tensor peak of a real step after one warm-up step (the same
     step the trainer measures: forward, backward, grad clipping, AdamW step, zero_grad).
 (b) Published GPU peaks (torchtune), estimated offline with ``--device cuda`` from the
-    catalogue: the settings assumed per row are in the table; rows that depend on features
-    peftkit does not model are listed with the reason.
+    catalogue, each row with the settings read from torchtune's README, tutorials and
+    configs (``torchtune_rows.py``, with the source path and commit of every number); rows
+    peftkit cannot run as published are "nearest", with the reason.
 
     python benchmarks/memory_estimate.py            # both tables -> benchmarks/results/
     python benchmarks/memory_estimate.py --only gpu
@@ -50,7 +51,7 @@ def measure(built, batch: int, seq: int) -> dict:
     probe = memory.StepPeak(at=2)
     for step in (1, 2):
         with probe.around(step, model, opt, (batch, seq)):
-            loss = model(**kw).loss
+            loss = built.task.train_loss(model, kw)
             loss.backward()
             del loss
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], tc.max_grad_norm)
@@ -86,63 +87,23 @@ def cpu_rows() -> list[dict]:
     return rows
 
 
-# torchtune's published peaks. GiB: torchtune logs torch.cuda.max_memory_allocated() / 2**30.
-LLAMA32_3B = ["model.name=catalog:llama-3.2-3b", "train.batch_size=2", "task.max_length=4096"]
-LORA_TT = ["strategy.r=64", "strategy.alpha=128",  # torchtune 3B_lora: q, v, output_proj + MLP, r64
-           "strategy.target_modules=[q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
-GPU_ROWS = [
-    ("README opt. flags: Llama-3.2-3B full, baseline", 25.5, "GiB",
-     [*LLAMA32_3B, "strategy.name=full", "train.optimizer=adamw"],
-     "bf16 weights, grads and AdamW state (torch AdamW keeps state in the param dtype), no AC, batch 2 x 4096"),
-    ("README opt. flags: Llama-3.2-3B LoRA", 8.5, "GiB",
-     [*LLAMA32_3B, "strategy.name=lora", *LORA_TT, "model.gradient_checkpointing=true"],
-     "bf16, LoRA r64 on q,v,o + MLP, activation checkpointing; the published row also has packing, "
-     "compile, chunked CE, activation offloading (not modelled)"),
-    ("README opt. flags: Llama-3.2-3B QLoRA", 4.6, "GiB",
-     [*LLAMA32_3B, "strategy.name=qlora", *LORA_TT, "model.gradient_checkpointing=true"],
-     "nf4 backbone, LoRA r64 on q,v,o + MLP, activation checkpointing; the published row also has packing, "
-     "compile, chunked CE, activation offloading (not modelled)"),
-    ("LoRA tutorial: Llama-2-7B LoRA q,v r8", 15.57, "GB",
-     ["model.name=catalog:llama-2-7b", "train.batch_size=2", "task.max_length=1024", "strategy.name=lora",
-      "strategy.r=8", "strategy.alpha=16", "strategy.target_modules=[q_proj,v_proj]", "model.gradient_checkpointing=true"],
-     "7B_lora_single_device: bf16, AC on, batch 2; Alpaca's longest batch assumed 1024 tokens"),
-    ("LoRA tutorial: Llama-2-7B LoRA all layers r64", 17.04, "GB",
-     ["model.name=catalog:llama-2-7b", "train.batch_size=2", "task.max_length=1024", "strategy.name=lora",
-      "strategy.r=64", "strategy.alpha=128", "model.gradient_checkpointing=true",
-      "strategy.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"],
-     "as above, LoRA r64 on every linear incl. the output projection"),
-    ("QLoRA tutorial: Llama-2-7B QLoRA", 9.29, "GB",
-     ["model.name=catalog:llama-2-7b", "train.batch_size=2", "task.max_length=1024", "strategy.name=qlora",
-      "strategy.r=8", "strategy.alpha=16", "strategy.target_modules=[q_proj,k_proj,v_proj,o_proj]",
-      "model.gradient_checkpointing=true"],
-     "7B_qlora_single_device: nf4, LoRA r8 on q,k,v,o, AC on, batch 2, 1024 tokens assumed"),
-]
-NOT_REPRODUCIBLE = [
-    ("README opt. flags: + packed / + compile / + chunked cross-entropy / + optimizer in backward / "
-     "+ activation offloading rows", "peftkit models none of torch.compile's fusion, chunked CE, "
-     "optimizer-in-backward or CPU activation offloading; and the published values of those rows are "
-     "not in this environment (no web access) - only the three rows above were given."),
-    ("README opt. flags: + 8-bit AdamW row", "estimable (train.optimizer=adamw8bit) but its published value "
-     "was not available here, so it is not compared."),
-]
-
-
 def gpu_rows() -> list[dict]:
     from peftkit import catalog
     from peftkit import recipe as R
     from peftkit.estimate import estimate
+    from torchtune_rows import GB, GIB, ROWS
 
     rows = []
-    for name, published, unit, overrides, settings in GPU_ROWS:
-        r = R.load(str(catalog.HERE / "default.yaml"), ["model.dtype=bf16", "train.precision=bf16", *overrides])
+    for spec in ROWS:
+        r = R.load(str(catalog.HERE / "default.yaml"), ["model.dtype=bf16", "train.precision=bf16", *spec["overrides"]])
         e = estimate(r, device="cuda")
-        scale = 2**30  # torchtune's "GB" is max_memory_allocated / 2**30 too
-        est = e["peak_bytes"] / scale
-        rows.append({"row": name, "settings": settings, "overrides": overrides, "published": published, "unit": unit,
-                     "estimated": est, "device_total": e["device_total_bytes"] / scale,
-                     "error": (est - published) / published, "at_peak": e["at_peak"], "seconds": e["seconds"]})
-        print(f"{name}: published {published} {unit}, estimated {est:.2f} ({100 * rows[-1]['error']:+.1f}%)",
-              flush=True)
+        published_gib = spec["published"] * (GB if spec["unit"] == "GB" else GIB) / GIB
+        est = e["peak_bytes"] / GIB
+        rows.append({**spec, "published_gib": published_gib, "estimated_gib": est,
+                     "error": (est - published_gib) / published_gib, "at_peak": e["at_peak"],
+                     "phases": {k: v["peak_bytes"] for k, v in e["phases"].items()}, "seconds": e["seconds"]})
+        print(f"{spec['row']}: published {spec['published']} {spec['unit']} ({published_gib:.2f} GiB), "
+              f"estimated {est:.2f} GiB ({100 * rows[-1]['error']:+.1f}%), {e['seconds']} s", flush=True)
     return rows
 
 
@@ -163,15 +124,31 @@ def markdown(cpu: list[dict] | None, gpu: list[dict] | None, env: dict) -> str:
                            f"{100 * r['error']:+.1f}% |")
         out.append("")
     if gpu is not None:
+        from torchtune_rows import __doc__ as sources
+
         out += ["## (b) Published GPU peaks (torchtune, one A100) vs `peftkit estimate --device cuda`", "",
-                "Estimated = peak of allocated tensor memory (max_memory_allocated's counterpart, 512 B blocks, "
-                "no CUDA context), from the offline catalogue, no weights loaded. Published values are "
-                "from the brief (no web access here); GB read as GiB (torchtune divides by 2**30).", "",
-                "| row | settings assumed | published | estimated | error |", "|---|---|---|---|---|"]
+                "Estimated = the step's peak of allocated tensor memory (max_memory_allocated's counterpart, 512 B "
+                "blocks, no CUDA context), from the offline catalogue, no weights loaded. Published values and "
+                "settings are read from torchtune's files (sources below); the 3B rows are peak *active* bytes in "
+                "GiB (= allocated), the 7B rows peak *reserved* in GB (1e9 B, converted to GiB). Error = "
+                "(estimated - published) / published; target |error| <= 15%. 'reproduced': peftkit runs the "
+                "published settings; 'reproduced, eager': the same, but torchtune compiled the step and the "
+                "estimate traces it eager (compile's fusion is not modelled); 'nearest': the closest peftkit "
+                "configuration, and why it differs.", "",
+                "| row | peftkit settings | published | estimated (GiB) | error | status |",
+                "|---|---|---|---|---|---|"]
         for r in gpu:
-            out.append(f"| {r['row']} | {r['settings']} | {r['published']} {r['unit']} | {r['estimated']:.2f} | "
-                       f"{100 * r['error']:+.1f}% |")
-        out += ["", "Not reproduced:", ""] + [f"- {a}: {b}" for a, b in NOT_REPRODUCIBLE]
+            pub = f"{r['published']} {r['unit']} {r['measure']}" + (
+                f" (= {r['published_gib']:.2f} GiB)" if r["unit"] != "GiB" else "")
+            out.append(f"| {r['row']} | {r['settings']} [{r['sources']}] | {pub} | {r['estimated_gib']:.2f} | "
+                       f"{100 * r['error']:+.1f}% | {r['status']} |")
+        within = [r for r in gpu if abs(r["error"]) <= 0.15]
+        out += ["", f"Within 15%: {len(within)} of {len(gpu)} rows. Outside: " + "; ".join(
+            f"{r['row']} ({100 * r['error']:+.1f}%, {r['status'].split(':')[0]})" for r in gpu if r not in within)
+                + ".", "",
+                "Overrides per row (on `peftkit/catalog/default.yaml`, plus model.dtype=bf16 train.precision=bf16):", ""]
+        out += [f"- {r['row']}: `{' '.join(r['overrides'])}`" for r in gpu]
+        out += ["", "Sources:", "", sources.split("Sources (", 1)[1].split(":", 1)[1].strip(), ""]
     return "\n".join(out) + "\n"
 
 

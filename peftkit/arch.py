@@ -40,6 +40,8 @@ class Arch:
     layers: str | None = None  # the transformer block list, a suffix of its module path
     conv1d: bool = False  # GPT-2's Conv1D (weight stored in x out): peft's fan_in_fan_out
     prefix: bool = True  # the attention class takes prefix keys/values (needs `attention`)
+    # causal LM: logits = lm_head(decoder's last hidden state), nothing after (chunked_loss.py relies on it)
+    plain_lm_head: bool = False
 
     def role(self, role: str) -> tuple[str, str]:
         """(class name, attribute) of one role's linear; UserError where the entry has none."""
@@ -67,7 +69,7 @@ def _bert_like(p: str, module: str) -> Arch:
 def _llama_like(p: str, module: str) -> Arch:
     return Arch("decoder", module, lora=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                 attention=f"{p}Attention", qkv=("q_proj", "k_proj", "v_proj"), attn_out=(f"{p}Attention", "o_proj"),
-                ffn_out=(f"{p}MLP", "down_proj"), layers="model.layers")
+                ffn_out=(f"{p}MLP", "down_proj"), layers="model.layers", plain_lm_head=True)
 
 
 ARCHS: dict[str, Arch] = {
@@ -78,10 +80,10 @@ ARCHS: dict[str, Arch] = {
     "qwen2": _llama_like("Qwen2", "qwen2"),
     "gpt2": Arch("decoder", "gpt2", lora=("c_attn", "c_proj", "c_fc"), attention="GPT2Attention",
                  qkv=("c_attn",) * 3, attn_out=("GPT2Attention", "c_proj"), ffn_out=("GPT2MLP", "c_proj"),
-                 layers="transformer.h", conv1d=True),
+                 layers="transformer.h", conv1d=True, plain_lm_head=True),
     "phi3": Arch("decoder", "phi3", lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), attention="Phi3Attention",
                  qkv=("qkv_proj",) * 3, attn_out=("Phi3Attention", "o_proj"), ffn_out=("Phi3MLP", "down_proj"),
-                 layers="model.layers"),
+                 layers="model.layers", plain_lm_head=True),
     "t5": Arch("seq2seq", "t5", lora=("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"), prefix=False),
 }
 # Builtin backbones whose architecture is known without loading anything.

@@ -40,6 +40,11 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def deepspeed_requested() -> bool:
+    """accelerate launch was given a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def launched() -> bool:
     """True inside a process started by torchrun / accelerate launch."""
     return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ

@@ -12,7 +12,9 @@ Stand-ins where the real kernels cannot run on fake tensors (see ``fakes.py``):
 4-/8-bit linears hold packed weights plus bitsandbytes' quant state and dequantize a
 compute-dtype copy of the weight per call (as bitsandbytes does); ``device="cuda"`` swaps
 attention for a flash/memory-efficient stand-in (O(seq) statistics, no score matrix),
-rounds every block to 512 B and adds a stated CUDA-context allowance.
+rounds every block to 512 B and adds a stated CUDA-context allowance. Activation
+offloading runs ``offload.py``'s own hooks with ``simulated=True``: a tensor sent to the host
+leaves the traced device memory and is allocated anew when backward unpacks it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from __future__ import annotations
 import copy
 import time
 import types
+from contextlib import nullcontext
 
 import torch
 
-from . import backbone, fakes, hardware, memory, strategies, tasks
+from . import backbone, fakes, hardware, memory, offload, strategies, tasks
 from .errors import UserError
 
 
@@ -122,11 +125,12 @@ def _warm_optimizer(model, tc):
     return opt
 
 
-def _step(model, opt, batch: dict, micro: int, tc) -> None:
+def _step(model, opt, batch: dict, micro: int, tc, task) -> None:
     amp = tc.precision in ("bf16", "fp16")
     for _ in range(micro):
-        with torch.autocast("cpu", dtype=backbone.DTYPES[tc.precision], enabled=amp):
-            loss = model(**batch).loss
+        with (torch.autocast("cpu", dtype=backbone.DTYPES[tc.precision], enabled=amp),
+              offload.hooks(simulated=True) if tc.activation_offloading else nullcontext()):
+            loss = task.train_loss(model, batch)
         loss.backward()
         del loss
     if tc.max_grad_norm:
@@ -144,14 +148,18 @@ def estimate(recipe, batch_size: int | None = None, seq_len: int | None = None,
 class Estimator:
     """Fake models built once per recipe; ``at(batch, seq)`` traces one step at that shape.
 
-    Decoder/encoder layers are identical, so every byte at the peak is linear in the layer
-    count: a deep model is traced at two small layer counts and extrapolated (exact for a
-    repeated block; a test compares it with the full trace).
+    Decoder/encoder layers are identical, so every byte at a phase's peak (forward, backward,
+    optimizer step) is linear in the layer count: a deep model is traced at two small layer
+    counts, each phase extrapolated, and the step's peak is the largest (exact for a repeated
+    block; tests compare it with the full trace).
     """
 
     def __init__(self, recipe, device: str | None = None, task=None, tokenizer=None):
         recipe = hardware.pinned(recipe)  # precision/compute_dtype auto: what this machine runs
         self.recipe, self.target = recipe, device or "cpu"
+        if recipe.train.activation_offloading and self.target != "cuda":
+            raise UserError("train.activation_offloading: a CUDA feature (saved activations move from GPU to host "
+                            "memory); estimate it with --device cuda")
         config = _config(recipe.model)
         self.config = config
         self.task = task or tasks.get(recipe.task, _tokens(config, tokenizer if tokenizer is not None
@@ -173,7 +181,12 @@ class Estimator:
         src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
         traces = [r.trace(batch, seq) for r in self.runs]
         out = traces[0] if self.f is None else _extrapolate(*traces, self.f)
-        peak = out["peak_bytes"] - out.get("paged_optimizer_bytes", 0)
+        # Each phase's peak is linear in the depth, the step's peak is their max: a shallow trace can
+        # peak in backward while the deep model peaks in the optimizer step (foreach AdamW, full).
+        for p in out["phases"].values():  # paged state: cudaMallocManaged, outside the allocator's count
+            p["peak_bytes"] -= out.get("paged_optimizer_bytes", 0)
+        top = max(out["phases"].values(), key=lambda p: p["peak_bytes"])
+        peak, out["at_peak"] = top["peak_bytes"], dict(top["at_peak"])
         out.update({
             "method": "one whole training step on fake tensors (no weights loaded), live-storage tracker; " + self.how,
             "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
@@ -207,7 +220,7 @@ class _FakeRun:
     def __init__(self, recipe, config, task, target: str):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        self.tc, self.target = recipe.train, target
+        self.tc, self.target, self.task = recipe.train, target, task
         self.model, self.auto_name, qlinears = fake_model(recipe, copy.deepcopy(config), task, target)
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         with self.mode:
@@ -228,12 +241,13 @@ class _FakeRun:
             fb = _fake_batch(self.auto_name, batch, seq, self.tc.padding_free)
             try:
                 with tracker:
-                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc)
+                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc, self.task)
             finally:
                 for h in handles:
                     h.remove()
         peak = tracker.summary()
-        return {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"]}
+        return {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"],
+                "phases": peak["phases"]}
 
 
 def _tokenizer(mc):

@@ -99,7 +99,9 @@ class LiveMemory(TorchDispatchMode):
     only if registered (``track``): the trainer registers weights, gradients and optimizer
     state. New storages are "activations" in forward and "temporaries" in backward or in an
     optimizer step; a parameter's ``.grad`` is re-labelled "gradients" as it is accumulated.
-    ``round_to`` rounds each storage up (the CUDA caching allocator: 512 B).
+    ``round_to`` rounds each storage up (the CUDA caching allocator: 512 B). ``phases``: the
+    peak and its split within forward, backward and the optimizer step (the estimate
+    extrapolates each, since which phase peaks can change with depth).
     """
 
     def __init__(self, round_to: int = 1):
@@ -110,6 +112,7 @@ class LiveMemory(TorchDispatchMode):
         self.current = self.peak = 0
         self.peak_by = dict(self.by)
         self.in_optimizer = False
+        self.phases: dict[str, dict] = {}
 
     def _size(self, st) -> int:
         n, r = st.nbytes(), self.round_to
@@ -134,6 +137,9 @@ class LiveMemory(TorchDispatchMode):
         self.by[category] += size
         if self.current > self.peak:
             self.peak, self.peak_by = self.current, dict(self.by)
+        ph = self.phases.get(phase := self._phase())
+        if ph is None or self.current > ph["peak_bytes"]:
+            self.phases[phase] = {"peak_bytes": self.current, "at_peak": dict(self.by)}
 
     def _free(self, k: int) -> None:
         e = self._live.pop(k, None)
@@ -141,9 +147,13 @@ class LiveMemory(TorchDispatchMode):
             self.by[e[2]] -= e[1]
             self.current -= e[1]
 
+    def _phase(self) -> str:
+        if self.in_optimizer:
+            return "optimizer"
+        return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
     def _new_category(self) -> str:
-        busy = self.in_optimizer or torch._C._current_graph_task_id() != -1
-        return "temporaries" if busy else "activations"
+        return "activations" if self._phase() == "forward" else "temporaries"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -161,7 +171,8 @@ class LiveMemory(TorchDispatchMode):
         return out
 
     def summary(self) -> dict:
-        return {"peak_bytes": self.peak, "at_peak": dict(self.peak_by), "current_bytes": self.current}
+        return {"peak_bytes": self.peak, "at_peak": dict(self.peak_by), "current_bytes": self.current,
+                "phases": {k: {**v, "at_peak": dict(v["at_peak"])} for k, v in self.phases.items()}}
 
 
 def track_state(tracker: LiveMemory, model: torch.nn.Module, opt=None) -> list:

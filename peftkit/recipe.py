@@ -63,6 +63,8 @@ class TrainConfig(Section):
     # shapes for torch.compile to specialise on; None = 16 when compile is on, else off
     pad_to_multiple_of: int | None = Field(None, ge=1)
     padding_free: bool = False  # causal LM: one row per batch, no padding (fastest with flash_attention_2)
+    # CUDA: tensors saved for backward wait in host memory (offload.py); with gradient checkpointing, the layer inputs
+    activation_offloading: bool = False
     progress: bool = True
     checkpoint_every: int | None = Field(200, ge=1)  # steps; None = only on SIGINT/SIGTERM
     keep_checkpoints: int = Field(2, ge=1)

@@ -10,13 +10,14 @@ import itertools
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import distributed as dist
-from . import bucket, flops, hardware, measure, memory, packing
+from . import bucket, flops, hardware, measure, memory, offload, packing
 from . import result as R
 from .build import Built
 from .optim import make_optimizer
@@ -111,6 +112,9 @@ class Trainer:
             dataloader_config=dist.dataloader_config(),
         )
         self.acc.print(f"[peftkit] {self.precision.line()}")
+        if self.tc.activation_offloading and self.acc.device.type != "cuda":
+            raise UserError(f"train.activation_offloading: needs a CUDA device (it moves saved activations from GPU "
+                            f"to host memory); this run trains on {self.acc.device.type}")
         set_seed(self.tc.seed)
         dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
         if note := dist.requested_but_not_used(self.acc):
@@ -283,7 +287,8 @@ class Trainer:
         with run.timer.step(), self.measure_step(run, memory.batch_shape(first[0])):
             for i, (batch, w) in enumerate(itertools.chain([first], itertools.islice(batches, n - 1))):
                 with acc.accumulate(model):
-                    loss = model(**batch).loss
+                    with offload.hooks() if self.tc.activation_offloading else nullcontext():
+                        loss = self.b.task.train_loss(model, batch)
                     s = w * group_scale
                     acc.backward(loss if s == 1.0 else loss * s)
                     loss_sum += loss.detach().float().item() * w

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import run_cli, tiny_recipe
+from test_tasks_generation import gen_recipe, instr_dir  # noqa: F401  (fixture)
 from peftkit import plan, strategies
 from peftkit import recipe as R
 from peftkit.build import build
@@ -70,6 +71,29 @@ def test_deep_model_extrapolation_equals_the_full_trace(tiny_models, sentiment_d
     assert "every layer traced" in full["method"]
     assert extrapolated["params"] == full["params"]
     assert extrapolated["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=0.005)
+
+
+def test_extrapolation_follows_the_phase_that_peaks_at_full_depth(tiny_models, instr_dir, monkeypatch):  # noqa: F811
+    """Full fine-tuning with foreach AdamW: at 2-3 layers the step peaks in backward (a 100k
+    vocabulary's logits), at 48 heavy layers in the optimizer step (foreach's temporary copy of
+    every parameter). Extrapolating the shallow traces' peak would say -8%."""
+    from transformers import AutoConfig
+
+    from peftkit import estimate as E
+
+    cfg = AutoConfig.from_pretrained(tiny_models["llama"])
+    cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size = 48, 4096, 100_000
+    monkeypatch.setattr(E, "_config", lambda mc: cfg)
+    d = gen_recipe(tiny_models["llama"], instr_dir, strategy="full", optimizer="adamw_foreach")
+    est = E.Estimator(R.from_dict(d))
+    shallow = [r.trace(1, 32) for r in est.runs]
+    assert all(max(t["phases"], key=lambda k: t["phases"][k]["peak_bytes"]) == "backward" for t in shallow)
+    extrapolated = est.at(1, 32)
+    monkeypatch.setattr(E, "EXACT_LAYERS", 99)
+    full = E.estimate(R.from_dict(d), batch_size=1, seq_len=32)
+    assert max(full["phases"], key=lambda k: full["phases"][k]["peak_bytes"]) == "optimizer"
+    assert extrapolated["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=0.005)
+    assert extrapolated["at_peak"]["gradients"] == pytest.approx(full["at_peak"]["gradients"], rel=0.005)
 
 
 def test_cuda_target_keeps_no_attention_matrix(tiny_models, sentiment_dir):

@@ -108,3 +108,17 @@ def test_qlora_weights_are_packed_and_smaller(tiny_models, sentiment_dir):
     # Each quantized weight: 4 bytes (fp32) -> half a byte, plus its quant state.
     saved = 4 * n4 - packed - qw["by_type"]["quant_state"]
     assert lora["total_bytes"] - qw["total_bytes"] == pytest.approx(saved, rel=0.01) and saved > 0
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_qlora_keeps_unquantized_weights_in_model_dtype_unless_upcast(tiny_models, sentiment_dir, upcast):
+    d = tiny_recipe(tiny_models["llama"], sentiment_dir, "qlora", precision="bf16")
+    d["model"].update(dtype="bf16", compute_dtype="bf16")
+    d["strategy"]["upcast_unquantized"] = upcast
+    from peftkit.build import build
+
+    b = build(R.from_dict(d))
+    inner = b.model.get_base_model()
+    dtypes = {inner.model.embed_tokens.weight.dtype, inner.model.norm.weight.dtype}
+    assert dtypes == ({torch.float32} if upcast else {torch.bfloat16})  # peft's k-bit preparation casts them
+    assert "nf4(4bit packed)" in memory.weight_bytes(b.model)["by_type"]

@@ -120,6 +120,10 @@ class Task:
     def collate(self, features: list[dict]) -> dict:
         raise NotImplementedError
 
+    def train_loss(self, model, batch: dict):
+        """The loss that training backpropagates (trainer and memory estimate alike)."""
+        return model(**batch).loss
+
     def eval_step(self, model, batch) -> tuple[list, list]:
         """Predictions and references of one batch, as python lists."""
         raise NotImplementedError

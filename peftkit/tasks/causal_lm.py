@@ -12,6 +12,9 @@ Attention is NOT reset at borders: a token sees the earlier examples of its bloc
 context (the usual "naive" packing; it changes what the model conditions on, a little).
 ``train.padding_free: true`` is the exact alternative: examples joined per batch with
 restarting position ids, so each attends only to itself. Evaluation never packs.
+
+``loss_chunk_tokens: N`` computes the training loss N positions at a time without ever
+holding the batch x seq x vocab logits (``peftkit/chunked_loss.py``; same value and gradients).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from .generation import GenerationConfig, GenerationTask, example_nll, pad, unwrap
 
@@ -29,6 +33,8 @@ class CausalLMConfig(GenerationConfig):
     kind: Literal["causal_lm"] = "causal_lm"
     chat_template: bool = True  # use the tokenizer's chat template when it has one
     packing: bool = False
+    # training loss over chunks of this many positions, never the whole logits; None: transformers' loss
+    loss_chunk_tokens: int | None = Field(None, ge=1)
 
 
 class CausalLM(GenerationTask):
@@ -40,6 +46,23 @@ class CausalLM(GenerationTask):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
+
+    @classmethod
+    def check(cls, recipe) -> list[str]:
+        from ..distributed import deepspeed_requested, fsdp_requested
+
+        problems = super().check(recipe)
+        if recipe.task.loss_chunk_tokens and (fsdp_requested() or deepspeed_requested()):
+            # The output layer runs after the wrapped forward has returned: sharded weights are gone by then.
+            problems.append("task.loss_chunk_tokens: not under FSDP or DeepSpeed; use DDP or one process")
+        return problems
+
+    def train_loss(self, model, batch: dict):
+        if not self.cfg.loss_chunk_tokens:
+            return model(**batch).loss
+        from ..chunked_loss import causal_lm_loss
+
+        return causal_lm_loss(model, batch, self.cfg.loss_chunk_tokens)
 
     def uses_chat_template(self) -> bool:
         return self.cfg.chat_template and bool(getattr(self.tokenizer, "chat_template", None))
