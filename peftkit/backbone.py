@@ -149,6 +149,8 @@ def load(mc, task, tokenizer=None) -> Loaded:
         raise UserError(f"model.name: cannot load '{mc.name}' as {auto.__name__}: {msg}") from None
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if qc is not None:
+        no_cpu_repacking(model)
     if mc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     info = {
@@ -161,6 +163,16 @@ def load(mc, task, tokenizer=None) -> Loaded:
         "attn_implementation": getattr(model.config, "_attn_implementation", attn),
     }
     return Loaded(model, tokenizer, info)
+
+
+def no_cpu_repacking(model) -> None:
+    """Keep bitsandbytes from re-packing 4-bit weights in place at the first no-grad forward on
+    an AVX512-BF16 CPU: the packed layout needs in_features >= 64 (narrower layers fail with
+    "shape '[N, 0]' is invalid"), it changes the weights' bytes between training and evaluation,
+    and the same run would take another code path on an AVX2-only CPU."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def _device_for_quantized() -> str | int:

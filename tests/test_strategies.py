@@ -90,3 +90,23 @@ def test_unknown_architecture_is_found_at_validation(tmp_path, sentiment_dir):
 def test_bitfit_refuses_llama_with_a_clear_error(tiny_models, sentiment_dir):
     with pytest.raises(UserError, match="LlamaForSequenceClassification has no bias parameters"):
         build(_recipe(tiny_models["llama"], sentiment_dir, {"name": "bitfit"}))
+
+
+def test_qlora_weights_are_never_repacked_for_cpu_inference(tiny_models, sentiment_dir):
+    """bitsandbytes would re-pack 4-bit weights in place at the first no-grad forward on an
+    AVX512-BF16 CPU (and fail for layers narrower than 64): peftkit turns that path off, so
+    evaluation runs on the bytes training used, on every kind of CPU."""
+    from conftest import tiny_recipe
+    from peftkit import recipe as R
+    from peftkit.build import build
+
+    model = build(R.from_dict(tiny_recipe(tiny_models["bert"], sentiment_dir, "qlora"))).model
+    flags = [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert flags and not any(flags)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    ids = torch.randint(5, 100, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    after = dict(model.named_parameters())
+    assert before and all(torch.equal(before[n], after[n].detach()) for n in before)
