@@ -211,7 +211,18 @@ def environment() -> dict:
     env["loadavg_start"] = os.getloadavg()
     env["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     env["torch_config_bf16"] = bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)())
+    env["cpu"] = cpu_section()
     return env
+
+
+def cpu_section() -> dict:
+    """What decides CPU speed here: SIMD flags, torch's kernel level, emulation variables, what
+    ``precision: auto`` picks (with its bf16/fp32 matmul probe)."""
+    from peftkit import hardware
+
+    d = hardware.describe()
+    return {"simd_flags": d["simd_flags"], "cpu_capability": d["cpu_capability"], "auto": d["auto"],
+            "emulation": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
 
 
 def _cpu_model() -> str | None:
@@ -231,10 +242,23 @@ def env_lines(env: dict) -> list[str]:
         f"- device: {env.get('device')} ({dev}), {env.get('cpu_count')} CPUs, torch threads {env.get('torch_threads')}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- python {env.get('python')}, {env.get('platform')}",
+        *_cpu_lines(env.get("cpu")),
         f"- git sha: {env.get('git_sha')}",
         f"- started: {env.get('started_at')}, load average at start: "
         + ", ".join(f"{x:.2f}" for x in env.get("loadavg_start", [])),
     ]
+
+
+def _cpu_lines(cpu: dict | None) -> list[str]:
+    if not cpu:
+        return []
+    auto, emu = cpu.get("auto") or {}, cpu.get("emulation") or {}
+    probe = auto.get("probe") or {}
+    return [f"- CPU flags: {' '.join(cpu.get('simd_flags') or [])}; torch kernels {cpu.get('cpu_capability')}"
+            + (f"; emulating: {' '.join(f'{k}={v}' for k, v in emu.items())}" if emu else "; no emulation"),
+            f"- precision auto → {auto.get('resolved')} ({auto.get('reason')}; 128² matmul bf16 "
+            f"{probe.get('bf16_gflops')} vs fp32 {probe.get('fp32_gflops')} GFLOP/s)"
+            + (f"; {cpu['note']}" if cpu.get("note") else "")]
 
 
 def publish(name: str, data: dict, markdown: str, out_dir: Path = RESULTS, write: bool = True) -> None:
