@@ -75,10 +75,11 @@ class StepClock:
     forward of this model before them) are not stamped.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, on_step=None):
         import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
+        self.on_step = on_step  # called at each stamped step (e.g. to take that step's FLOPs)
         self.stamps: list[float] = []
         self.samples: list[int] = []
         self.tokens: list[int] = []
@@ -105,6 +106,8 @@ class StepClock:
         if not self._s:  # no training forward of this model since the last step: not its optimizer
             return  # (e.g. peftkit's memory estimate steps an optimizer over fake tensors)
         self.stamps.append(time.perf_counter())
+        if self.on_step is not None:
+            self.on_step()
         self.samples.append(self._s)
         self.tokens.append(self._t)
         self.padded.append(self._p)

@@ -82,7 +82,6 @@ def _timed(fn, iters: int) -> float:
 
 
 def worker_train(spec: dict) -> dict:
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from peftkit import recipe as R
     from peftkit.build import build
@@ -104,12 +103,10 @@ def worker_train(spec: dict) -> dict:
     built.task.datasets = lambda: data
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(built, d)
-        clock = common.StepClock(built.model)
-        counter = FlopCounter(built.model)  # per step, to match StepClock's window
-        per_step: list[float] = []
-        h = register_optimizer_step_post_hook(lambda *a: per_step.append(counter.take()))
+        counter = FlopCounter(built.model)
+        per_step: list[float] = []  # taken at StepClock's stamps: the same steps, none of other optimizers
+        clock = common.StepClock(built.model, on_step=lambda: per_step.append(counter.take()))
         res = trainer.fit()
-        h.remove()
         clock.close()
         counter.close()
     sp = clock.summary(spec["warmup"])
