@@ -81,7 +81,9 @@ class Task:
         require_columns(ds, self.columns(), self.where(split))
         if type(self).bad_row is Task.bad_row:
             return ds
-        values = {k: ds[k] for k in self.columns()}  # whole columns: much faster than row access
+        # Whole columns as Python lists (datasets >= 4: ds[k] is a lazy Column whose v[i] reads
+        # Arrow row by row: ~3 s of every quickstart run's start for 12.7k rows).
+        values = ds.select_columns(self.columns()).to_dict()
         keep = []
         for i in range(len(ds)):
             why = self.bad_row({k: v[i] for k, v in values.items()})

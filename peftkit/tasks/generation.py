@@ -160,7 +160,7 @@ class GenerationTask(Task):
 
     def prompts_refs(self, ds) -> tuple[list[str], list[list[str]]]:
         cols = placeholders(self.cfg.prompt)
-        values = {k: ds[k] for k in cols}
+        values = ds.select_columns(cols).to_dict()  # lists: a datasets Column reads Arrow per index
         prompts = [self.prompt_text({k: values[k][i] for k in cols}) for i in range(len(ds))]
         return prompts, [references(v) for v in ds[self.cfg.response_column]]
 
