@@ -156,16 +156,19 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad(), self.acc.autocast():
             for idx, k, batch in zip(shards, keep, loader):
-                p, r = self.b.task.eval_step(model, batch)
+                p, r, loss = self.b.task.eval_outputs(model, batch)
                 if k:
-                    items += zip(idx, p, r)
+                    items += zip(idx, p, r, loss or [None] * len(p))
         # Every example once, in dataset order, whatever the number of processes.
         items = dist.gather_sorted(self.acc, items)
-        preds, refs = [p for _, p, _ in items], [r for _, _, r in items]
+        preds, refs = [x[1] for x in items], [x[2] for x in items]
+        losses = [x[3] for x in items if x[3] is not None]
         dt = time.perf_counter() - t0
         model.train()
         self.predictions = {"predictions": preds, "references": refs}  # per example, for paired bootstraps
         m = self.b.task.metrics(preds, refs)
+        if losses and "loss" not in m:
+            m["loss"] = sum(losses) / len(losses)
         m["examples"] = len(refs)
         m["eval_s"] = dt
         m["eval_samples_per_s"] = len(refs) / dt if dt else None

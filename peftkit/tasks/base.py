@@ -126,6 +126,11 @@ class Task:
         """Predictions and references of one batch, as python lists."""
         raise NotImplementedError
 
+    def eval_outputs(self, model, batch) -> tuple[list, list, list | None]:
+        """``eval_step`` plus each example's loss where the kind has one (None): the trainer reports
+        their mean as the ``loss`` metric (what a search ranks its rungs by)."""
+        return (*self.eval_step(model, batch), None)
+
     def metrics(self, preds: list, refs: list) -> dict[str, float]:
         raise NotImplementedError
 
