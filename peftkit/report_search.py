@@ -265,7 +265,7 @@ def _pareto_with_ci(out: Path, rep: dict, rows: list[dict]) -> None:
     half = {r["variant"]: (r["ci"][1] - r["ci"][0]) / 2 for r in rows if r.get("ci")}
     aggs = [{**a, "metric_std": half.get(a["variant"], a.get("metric_std"))} for a in rep["variants"]]
     cpu = bool(aggs) and aggs[0]["measured_method"] != "cuda"
-    label = "peak memory (MiB, accounted)" if cpu else "peak memory (MiB, max allocated)"
+    label = "peak memory (MiB, measured live peak)" if cpu else "peak memory (MiB, max allocated)"  # as report.py
     plot(aggs, "peak_bytes", label, out / "accuracy_vs_memory.png", True, 2**20)
     plot(aggs, "tokens_per_s", "throughput (training tokens/s)", out / "accuracy_vs_speed.png", False)
 
