@@ -216,7 +216,7 @@ def fsdp_check(a, work: Path, strategy: str) -> dict:
         if p.returncode != 0:
             raise RuntimeError(f"{n} process(es): {(p.stderr or p.stdout).strip().splitlines()[-1]}")
         res[n] = json.loads((d / "result.json").read_text())
-        losses[n] = [json.loads(x)["loss"] for x in (d / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+        losses[n] = [r["loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in r]
     diff = max(abs(x - y) for x, y in zip(losses[1], losses[2]))
     return {"ok": res[2]["run"]["distributed_type"] == "FSDP" and diff < 0.05, "losses_1": losses[1],
             "losses_2": losses[2], "max_abs_loss_diff": diff, "distributed_type": res[2]["run"]["distributed_type"],

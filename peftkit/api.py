@@ -84,10 +84,14 @@ def compare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
     report_files = [out / f for f in ("report.json", "report.md", "report.html")]
     with tracking.compare_group(name, names, lambda: report_files), \
             CompareProgress(out, [r.dir for r in runs], enabled=progress) as live:
-        run = C.compare
+        shown = live.echo if live.enabled else echo
         if C.load(path).search is not None:  # each variant at its best setting, chosen on validation
-            from .search import search as run
-        run(path, out, overrides, timeout=timeout, echo=live.echo if live.enabled else echo, executor=executor)
+            from .search import search
+
+            search(path, out, overrides, timeout=timeout, echo=shown, executor=executor,
+                   progress=live if live.enabled else None)
+        else:
+            C.compare(path, out, overrides, timeout=timeout, echo=shown, executor=executor)
     return json.loads((out / "report.json").read_text())
 
 

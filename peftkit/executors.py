@@ -129,14 +129,13 @@ def execute(run: Run, timeout: float | None = None, env: dict | None = None, arg
     ``shielded``: the process ignores SIGUSR2, SLURM's (submitit's) preemption warning sent to every
     process of the job; the worker answers it with a SIGTERM, on which the trainer checkpoints.
     """
-    from . import recipe as R
-
     run.dir.mkdir(parents=True, exist_ok=True)
     for stale in ("result.json", "error.json"):
         (run.dir / stale).unlink(missing_ok=True)
-    rfile = run.dir.parent / f"seed{run.seed}.yaml"
-    atomic_write_text(rfile, R.dump_yaml(run.recipe))
-    cmd = [sys.executable, "-m", "peftkit", "train", str(rfile), "--out", str(run.dir), "--force", *args]
+    # A run may bring its own command (peftkit.trial_batch: several search trials in one process).
+    cmd = run.command() if hasattr(run, "command") else train_command(run, args)
+    if timeout is not None:
+        timeout *= getattr(run, "runs_in_process", 1)
     pkg_root = str(Path(__file__).resolve().parents[1])
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": pkg_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = run.dir / "train.log"
@@ -157,12 +156,27 @@ def execute(run: Run, timeout: float | None = None, env: dict | None = None, arg
     host = socket.gethostname()
     if rc == 0 and run.done():
         return {"status": "done", "seconds": seconds, "host": host, "error": None}
+    err = error_record(run, rc, seconds, cmd, log)
+    return {"status": "failed", "seconds": seconds, "host": host, "error": err}
+
+
+def train_command(run: Run, args: Sequence[str] = ()) -> list[str]:
+    """``peftkit train`` of the run's recipe (written next to its run directory) into that directory."""
+    from . import recipe as R
+
+    rfile = run.dir.parent / f"seed{run.seed}.yaml"
+    atomic_write_text(rfile, R.dump_yaml(run.recipe))
+    return [sys.executable, "-m", "peftkit", "train", str(rfile), "--out", str(run.dir), "--force", *args]
+
+
+def error_record(run: Run, rc, seconds: float, cmd: list[str], log: Path) -> dict:
+    """A failed run's error.json (written): exit state, command, the log's tail; message = its last line."""
     err = {"variant": run.variant, "seed": run.seed, "recipe_hash": run.hash, "returncode": rc, "seconds": seconds,
-           "host": host, "command": cmd, "log_tail": _tail(log)}
+           "host": socket.gethostname(), "command": cmd, "log_tail": _tail(log)}
     lines = [x for x in err["log_tail"].splitlines() if x.strip()]
     err["message"] = lines[-1] if lines else f"exit code {rc}"
     atomic_write_json(run.dir / "error.json", err)
-    return {"status": "failed", "seconds": seconds, "host": host, "error": err}
+    return err
 
 
 def _exited(p: subprocess.Popen) -> bool:

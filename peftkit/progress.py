@@ -103,17 +103,24 @@ class CompareProgress:
     dirs; ``p.echo`` prints above it. ``enabled=None``: only when stdout is a TTY."""
 
     def __init__(self, out: Path, run_dirs: list[Path], enabled: bool | None = None, interval: float = 1.0):
-        self.out, self.dirs, self.interval = Path(out), [Path(d) for d in run_dirs], interval
+        self.out, self.interval = Path(out), interval
+        self.show([(f"{Path(d).parent.name}/{Path(d).name}", d) for d in run_dirs])
         self.enabled = sys.stdout.isatty() if enabled is None else enabled
         self._stop = threading.Event()
 
+    def show(self, named_dirs: list[tuple[str, Path]], title: str | None = None) -> None:
+        """Display these runs from now on (a search: the trials of each rung, then the test runs)."""
+        self.runs, self.title = [(n, Path(d)) for n, d in named_dirs], title
+
     def states(self) -> list[RunState]:
-        return [read_run(d, f"{d.parent.name}/{d.name}") for d in self.dirs]
+        return [read_run(d, name) for name, d in self.runs]
 
     def render(self) -> str:
         st = self.states()
         done = sum(s.state in ("done", "failed") for s in st)
-        return "\n".join([line(s) for s in st] + [f"overall: {done}/{len(st)} runs finished, ETA {_dur(overall_eta(st))}"])
+        head = [self.title] if self.title else []
+        return "\n".join(head + [line(s) for s in st]
+                         + [f"overall: {done}/{len(st)} runs finished, ETA {_dur(overall_eta(st))}"])
 
     def echo(self, msg: str) -> None:
         self.live.console.print(msg, markup=False, highlight=False)

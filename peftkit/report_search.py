@@ -71,6 +71,27 @@ def significantly_worse(best: dict, other: dict, best_vals: list, other_vals: li
     return {"difference": diff, "test": "none", "worse": False}
 
 
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def budget_train_s(out: Path, run_dir: Path, s: dict) -> float | None:
+    """Training seconds of one test run over the whole budget: a run that resumed the selected
+    trial's checkpoint timed only its own steps; the trial's rungs timed the ones before."""
+    speed = _read(run_dir / "result.json").get("speed") or {}
+    if speed.get("train_s") is None:
+        return None
+    if not speed.get("resumed_from_step"):
+        return speed["train_s"]
+    sel = next((t for t in s.get("trials", []) if t["label"] == s.get("selected")), None)
+    parts = [(_read(out / sel["dir"] / f"rung-{f}.json").get("speed") or {}).get("train_s")
+             for f in (sel or {}).get("rungs", {})]
+    return None if sel is None or None in parts else speed["train_s"] + sum(parts)
+
+
 def _variants(out: Path, rep: dict, state: dict) -> list[dict]:
     n_ex = None
     per = {}
@@ -79,16 +100,19 @@ def _variants(out: Path, rep: dict, state: dict) -> list[dict]:
         vals = [r["metric"] for r in rep["runs"] if r["variant"] == a["variant"] and r["metric"] is not None]
         corr = [_correct(d) for d in dirs]
         n_ex = n_ex or next((len(c) for c in corr if c is not None), None)
-        per[a["variant"]] = (a, vals, corr)
+        per[a["variant"]] = (a, vals, corr, dirs)
     idx = np.random.default_rng(0).integers(0, n_ex, size=(BOOT, n_ex)) if n_ex else None
     rows = []
-    for v, (a, vals, corr) in per.items():
+    for v, (a, vals, corr, dirs) in per.items():
         if not vals:
             continue
         s = state["variants"].get(v, {})
+        secs = [budget_train_s(out, d, s) for d in dirs]
         rows.append({"variant": v, "strategy": a["strategy"], "metric_name": a["metric_name"],
                      "selected": s.get("selected"), "selected_point": s.get("selected_point"),
-                     "peak_bytes": a["peak_bytes"], "train_s": a["train_s"], "values": vals,
+                     "peak_bytes": a["peak_bytes"], "values": vals,
+                     # the whole budget's training time (the compare table's covers the test run's own steps)
+                     "train_s": statistics.fmean(secs) if secs and None not in secs else a["train_s"],
                      **uncertainty(vals, corr, idx), "edge": edge_warning(s)})
     return rows
 
@@ -142,7 +166,15 @@ def _text(cheap: dict, best: dict, worse: list[dict]) -> str:
             f"{r['variant']} ({r['mean']:.3f}, −{r['vs_best']['difference']:.3f})" for r in worse) + "."
     else:
         s += " No strategy is significantly worse than the best at this budget and number of seeds."
+    if best.get("n_seeds", 0) < 3:
+        s += (f" With {best.get('n_seeds', 1)} seed(s) the intervals cover the sampling of test examples only, "
+              "not the randomness of training: run >= 3 seeds before trusting a small difference.")
     return s
+
+
+def _rank_key(s: dict) -> str:
+    """The rung field a variant's trials were ranked by (search.json ``ranked_by``)."""
+    return "validation_loss" if s.get("ranked_by") == "loss" else "validation"
 
 
 def plot_grid(state: dict, path: Path) -> bool:
@@ -151,6 +183,7 @@ def plot_grid(state: dict, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     vs = [(v, s) for v, s in state["variants"].items() if s["trials"]]
     if not vs:
@@ -161,19 +194,25 @@ def plot_grid(state: dict, path: Path) -> bool:
     for ax in axes.flat[len(vs):]:
         ax.set_visible(False)
     for ax, (v, s) in zip(axes.flat, vs):
+        key = _rank_key(s)  # what the rungs ranked by: the chosen point is that curve's best
         for frac in [f"{f:g}" for _, f in s["rungs"]]:
-            pts = sorted((t["point"]["train.lr"], t["rungs"][frac]["validation"]) for t in s["trials"]
-                         if frac in t["rungs"] and t["rungs"][frac]["validation"] is not None)
+            pts = sorted((t["point"]["train.lr"], t["rungs"][frac].get(key)) for t in s["trials"]
+                         if frac in t["rungs"] and t["rungs"][frac].get(key) is not None)
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=4, lw=1, label=f"{float(frac):.0%} budget")
         sel = next((t for t in s["trials"] if t["label"] == s["selected"]), None)
         if sel and sel["rungs"]:
             last = sel["rungs"][max(sel["rungs"], key=float)]
-            ax.plot(sel["point"]["train.lr"], last["validation"], "*", ms=14, color="tab:red", label="selected")
+            ax.plot(sel["point"]["train.lr"], last.get(key), "*", ms=14, color="tab:red", label="selected")
         ax.set_xscale("log")
-        ax.set_title(f"{v} ({s['strategy']})", fontsize=9)
+        lrs = sorted({t["point"]["train.lr"] for t in s["trials"]})
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(lrs))  # the grid's rates, not 10^k
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{x:g}" for x in lrs]))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_title(v if v == s["strategy"] else f"{v} ({s['strategy']})", fontsize=9)
         ax.set_xlabel("learning rate", fontsize=8)
-        ax.set_ylabel(f"{s['metric'] or 'metric'} (validation)", fontsize=8)
+        name = "loss" if key == "validation_loss" else (s["metric"] or "metric")
+        ax.set_ylabel(f"{name} (validation, ranked by)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best")
@@ -184,12 +223,18 @@ def plot_grid(state: dict, path: Path) -> bool:
 
 
 def markdown(state: dict, rows: list[dict], rec: dict) -> str:
+    by = sorted({s.get("ranked_by") or s.get("metric") or "metric" for s in state["variants"].values()})
     lines = ["", "## Search (each strategy at its best setting, chosen on validation)", "",
-             f"Successive halving (eta {state['eta']}) on the **validation** split, seed {state['seed']}; the test "
-             "split was evaluated only for the selected setting, once per seed.", "",
+             f"Successive halving (eta {state['eta']}) on the **validation** split, seed {state['seed']}, ranked by "
+             f"{' / '.join(by)}" + (" (the validation loss: a proper score, where accuracy on a short rung is "
+                                    "a step function that ties or crowns one-class predictors)" if "loss" in by else "")
+             + "; the test split was evaluated only for the selected setting, once per seed. Train time: the "
+             "whole budget of the selected setting, the search trial's steps and the test run's (the table above "
+             "times only the steps a test run trained after resuming the trial's checkpoint).", "",
              "![validation over the grid](search_validation.png)", "",
-             "| Variant | Validation over the grid (last rung reached) | Selected | Test (mean ± std) | 95% CI | CI method |",
-             "|---|---|---|---|---|---|"]
+             "| Variant | Validation over the grid (last rung reached) | Selected | Test (mean ± std) | 95% CI | CI method "
+             "| Train time |",
+             "|---|---|---|---|---|---|---|"]
     by = {r["variant"]: r for r in rows}
     for v, s in state["variants"].items():
         grid = []
@@ -198,13 +243,15 @@ def markdown(state: dict, rows: list[dict], rec: dict) -> str:
                 grid.append(f"{t['label']}: failed")
             elif t["rungs"]:
                 f = max(t["rungs"], key=float)
-                val = t["rungs"][f]["validation"]
-                grid.append(f"{t['label']}: {val:.3f} ({float(f):.0%})" if val is not None else f"{t['label']}: –")
+                val, loss = t["rungs"][f]["validation"], t["rungs"][f].get("validation_loss")
+                shown = (f"loss {loss:.3f}, " if loss is not None else "") + f"{s['metric'] or 'metric'} {val:.3f}"
+                grid.append(f"{t['label']}: {shown} ({float(f):.0%})" if val is not None else f"{t['label']}: –")
         r = by.get(v)
         test = f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["std"] is not None else "") if r else "–"
         ci = f"{r['ci'][0]:.3f}–{r['ci'][1]:.3f}" if r and r.get("ci") else "–"
+        secs = f"{r['train_s']:.1f} s" if r and r.get("train_s") is not None else "–"
         lines.append(f"| {v} | {'; '.join(grid) or '–'} | {s['selected'] or '–'} | {test} | {ci} | "
-                     f"{r['ci_method'] if r else '–'} |")
+                     f"{r['ci_method'] if r else '–'} | {secs} |")
     warns = [f"- **{r['variant']}**: {r['edge']}" for r in rows if r["edge"]]
     if warns:
         lines += ["", "Warnings:", *warns]
@@ -218,7 +265,7 @@ def _pareto_with_ci(out: Path, rep: dict, rows: list[dict]) -> None:
     half = {r["variant"]: (r["ci"][1] - r["ci"][0]) / 2 for r in rows if r.get("ci")}
     aggs = [{**a, "metric_std": half.get(a["variant"], a.get("metric_std"))} for a in rep["variants"]]
     cpu = bool(aggs) and aggs[0]["measured_method"] != "cuda"
-    label = "peak memory (MiB, accounted)" if cpu else "peak memory (MiB, max allocated)"
+    label = "peak memory (MiB, measured live peak)" if cpu else "peak memory (MiB, max allocated)"  # as report.py
     plot(aggs, "peak_bytes", label, out / "accuracy_vs_memory.png", True, 2**20)
     plot(aggs, "tokens_per_s", "throughput (training tokens/s)", out / "accuracy_vs_speed.png", False)
 

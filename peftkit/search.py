@@ -126,25 +126,84 @@ class Trial:
         return None
 
     def score(self, frac: float) -> float | None:
+        """The rung's primary validation metric (what the report shows)."""
         from .report import primary
 
         r = self.result(frac)
         return primary(r)[1] if r else None
 
+    def loss(self, frac: float) -> float | None:
+        """The rung's mean validation loss (classification: cross-entropy), where the task has one."""
+        return ((self.result(frac) or {}).get("metrics", {}).get("eval") or {}).get("loss")
 
-def _run_all(runs: list, pool) -> list[dict | None]:
+    def rank_key(self, frac: float, metric: str) -> tuple:
+        """Sort key, best first: by the loss (``metric`` "loss", where there is one), else by the primary
+        metric with ties broken by the loss; a stable sort keeps grid order for what is left."""
+        loss, score = self.loss(frac), self.score(frac)
+        if metric == "loss" and loss is not None:
+            return (loss,)
+        sign = better(primary_name(self.result(frac)))
+        return (-sign * score, loss if loss is not None else 0.0)
+
+    def ranked_by(self, frac: float, metric: str) -> str:
+        return "loss" if metric == "loss" and self.loss(frac) is not None else primary_name(self.result(frac))
+
+
+def _run_all(runs: list, pool, echo=print) -> list[dict | None]:
     """Train runs through the compare's executor (peftkit.executors); per run None or its error record."""
-    return [o.error if o.status == "failed" else None for o in pool.run(runs)]
+    return [o.error if o.status == "failed" else None for o in pool.run(runs, echo=echo)]
 
 
-def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, pool, echo) -> None:
-    """Rung ``k`` of every variant that has one, in one batch; then keep the best of each."""
+def _train_trials(runs: list, pool, ex, folder: Path, title: str, echo) -> list[dict | None]:
+    """A rung's trial runs, in ``executor.parallel`` batches of one process each (peftkit.trial_batch);
+    the trials a dead batch left without a record again, a process each. Per run None or its error."""
+    from .trial_batch import TrialBatch, groups
+
+    if not runs:
+        return []
+    if ex.launcher != "none":  # a trial over several processes (torchrun/accelerate): one run at a time
+        return _run_all(runs, pool, echo)
+    parts = groups(runs, ex.parallel)
+    batches = [TrialBatch(g, folder / f"batch{i + 1}", f"{title}, {len(g)} trial(s) in one process"
+                          + (f" (batch {i + 1}/{len(parts)})" if len(parts) > 1 else "")) for i, g in enumerate(parts)]
+    _run_all(batches, pool, echo)
+    errs: list[dict | None] = [None] * len(runs)
+    again = []
+    for i, r in enumerate(runs):
+        if not r.done():
+            errs[i] = read_json(r.dir / "error.json")
+            if errs[i] is None:  # the batch died before this trial wrote a record
+                again.append(i)
+    if again:
+        echo(f"[search] {len(again)} trial(s) left without a result by their batch: again, a process each")
+        for i, e in zip(again, _run_all([runs[i] for i in again], pool, echo)):
+            errs[i] = e
+    return errs
+
+
+def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, pool, echo, ex=None, progress=None,
+          metric: str = "loss") -> None:
+    """Rung ``k`` of every variant that has one, in one batch; then keep the best of each (``metric``:
+    SearchConfig.metric)."""
+    from . import executors as X
+
+    ex = ex or X.ExecutorSection()
     todo = []
     for v, alive in trials.items():
         if k < len(plans[v]):
             frac = plans[v][k][1]
             todo += [(t, frac) for t in alive if t.result(frac) is None and t.error is None]
-    for (t, frac), err in zip(todo, _run_all([t.run(frac) for t, frac in todo], pool)):
+    n_rungs = max(len(p) for p in plans.values())
+    title = f"search rung {k + 1}/{n_rungs}"
+    shown = [(t, plans[v][k][1]) for v, ts in trials.items() if k < len(plans[v]) for t in ts]
+    if progress is not None:
+        progress.show([(f"{t.base.variant} {t.label} ({f:.0%})", t.dir) for t, f in shown], title)
+    if todo:
+        echo(f"[search] {title}: {len(todo)} of {len(shown)} trial(s) to train "
+             f"({', '.join(sorted({f'{f:.0%}' for _, f in todo}))} of the budget, validation only)")
+    runs = [t.run(frac) for t, frac in todo]
+    folder = todo[0][0].out / "_search" / f"rung{k + 1}" if todo else None
+    for (t, frac), err in zip(todo, _train_trials(runs, pool, ex, folder, title, echo)):
         if err is None:
             atomic_write_json(t.rung_file(frac), read_json(t.dir / "result.json"))
         else:
@@ -155,11 +214,12 @@ def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, pool, echo) -> No
             continue
         frac, keep = plans[v][k][1], (plans[v][k + 1][0] if k + 1 < len(plans[v]) else 1)
         scored = [t for t in alive if t.score(frac) is not None]
-        sign = better(primary_name(scored[0].result(frac))) if scored else 1
-        ranked = sorted(scored, key=lambda t: -sign * t.score(frac))  # stable: grid order breaks ties
+        ranked = sorted(scored, key=lambda t: t.rank_key(frac, metric))
         trials[v] = ranked[:keep]
-        shown = ", ".join(f"{t.label} {t.score(frac):.4f}" for t in ranked)
-        echo(f"[search] {v}: rung {k + 1}/{len(plans[v])} ({frac:.0%} of the budget) on validation: "
+        by = scored[0].ranked_by(frac, metric) if scored else metric
+        shown = ", ".join(f"{t.label} " + (f"loss {t.loss(frac):.3f}, " if t.loss(frac) is not None else "")
+                          + f"{primary_name(t.result(frac))} {t.score(frac):.4f}" for t in ranked)
+        echo(f"[search] {v}: rung {k + 1}/{len(plans[v])} ({frac:.0%} of the budget), validation ranked by {by}: "
              f"{shown or 'no trial finished'}; continuing: {', '.join(t.label for t in trials[v]) or 'none'}")
 
 
@@ -213,7 +273,8 @@ def _continue_from_trial(run, trial: Trial) -> None:
         link_checkpoints(trial.dir, run.dir)
 
 
-def search(path, out, overrides=None, timeout=None, echo=print, executor: dict | None = None) -> int:
+def search(path, out, overrides=None, timeout=None, echo=print, executor: dict | None = None, progress=None) -> int:
+    """``progress``: a live display (peftkit.progress.CompareProgress) shown the runs of each stage."""
     from . import compare as C
     from . import executors as X
 
@@ -224,11 +285,12 @@ def search(path, out, overrides=None, timeout=None, echo=print, executor: dict |
     out.mkdir(parents=True, exist_ok=True)
     every = {v: list(ts) for v, ts in trials.items()}
     n = sum(len(ts) for ts in trials.values())
+    budgets = sum(cost(len(ts), cr.search.eta) for ts in trials.values())
     echo(f"[search] {n} grid point(s) over {len(trials)} variant(s); successive halving (eta {cr.search.eta}) on "
-         f"validation; ~{sum(cost(len(ts), cr.search.eta) for ts in trials.values()):.1f} run budgets, "
-         f"then {len(cr.seeds) - 1} more seed(s) per variant at its selected setting")
+         f"validation: {budgets:.2f} run budgets for {len(trials)} variant(s) ({budgets / max(1, len(trials)):.2f}x "
+         f"a plain comparison), then {len(cr.seeds) - 1} more seed(s) per variant at its selected setting")
     for k in range(max((len(p) for p in plans.values()), default=0)):
-        _rung(trials, k, plans, pool, echo)
+        _rung(trials, k, plans, pool, echo, ex, progress, cr.search.metric)
         write_state(out, _state(cr, every, trials, plans))
     chosen = {v: ts[0] for v, ts in trials.items() if ts}
     final = _final_runs(runs, chosen)
@@ -239,7 +301,9 @@ def search(path, out, overrides=None, timeout=None, echo=print, executor: dict |
     todo = [r for r in final if not r.done()]
     echo(f"[search] selected: {', '.join(f'{v} {t.label}' for v, t in chosen.items())}; "
          f"{len(todo)} of {len(final)} test run(s) to train")
-    errors = _run_all(todo, pool)
+    if progress is not None:
+        progress.show([(f"{r.variant}/seed{r.seed}", r.dir) for r in final], "selected settings, test split")
+    errors = _run_all(todo, pool, echo)
     for r, e in zip(todo, errors):
         echo(f"[search] {r.variant} seed {r.seed}: " + ("done" if e is None else f"FAILED ({e['message']})"))
     write_state(out, _state(cr, every, trials, plans))
@@ -256,13 +320,14 @@ def _state(cr, every: dict, alive: dict, plans: dict) -> dict:
     for v, ts in every.items():
         rows = []
         for t in ts:
-            rs = {f"{frac:g}": {"validation": t.score(frac), "steps": (t.result(frac) or {}).get(
-                "metrics", {}).get("stopped_at")} for _, frac in plans[v] if t.result(frac)}
+            rs = {f"{frac:g}": {"validation": t.score(frac), "validation_loss": t.loss(frac), "steps": (
+                t.result(frac) or {}).get("metrics", {}).get("stopped_at")} for _, frac in plans[v] if t.result(frac)}
             rows.append({"label": t.label, "point": t.point, "dir": str(t.dir.relative_to(t.out)), "rungs": rs, "error": t.error})
         metric = next((primary_name(t.result(f)) for t in ts for _, f in plans[v] if t.result(f)), None)
+        by = next((t.ranked_by(f, cr.search.metric) for t in ts for _, f in plans[v] if t.result(f)), None)
         done = all(any(t.result(f) for t in ts) for _, f in plans[v])
         sel = alive[v][0] if alive[v] and done else None
-        variants[v] = {"strategy": ts[0].recipe.strategy.name, "metric": metric, "rungs": plans[v],
+        variants[v] = {"strategy": ts[0].recipe.strategy.name, "metric": metric, "ranked_by": by, "rungs": plans[v],
                        "trials": rows, "selected": sel.label if sel else None,
                        "selected_point": sel.point if sel else None, "cost_budgets": cost(len(ts), cr.search.eta)}
     return {"eta": cr.search.eta, "split": "validation", "seed": cr.seeds[0], "variants": variants}

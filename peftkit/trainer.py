@@ -33,6 +33,12 @@ from .tasks.data import columns
 from .tracking import Tracking
 
 SCHEMA = R.SCHEMA
+# A search rung (train.stop_at) only yields a validation score; its selected setting's final run
+# (a fresh process) estimates and measures memory. A rung therefore skips the estimate (it does
+# not depend on the learning rate; two fake-tensor traces cost ~1.5 s, a quarter of a quickstart
+# trial's training), the live-memory probe step (~0.75 s for full fine-tuning) and the weights
+# file (the checkpoint has them; 87 MB for full).
+RUNG_ESTIMATE = {"skipped": "a search rung (train.stop_at): the final run of the selected setting has the estimate"}
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:
@@ -167,16 +173,19 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad(), self.acc.autocast():
             for idx, k, batch in zip(shards, keep, loader):
-                p, r = self.b.task.eval_step(model, batch)
+                p, r, loss = self.b.task.eval_outputs(model, batch)
                 if k:
-                    items += zip(idx, p, r)
+                    items += zip(idx, p, r, loss or [None] * len(p))
         # Every example once, in dataset order, whatever the number of processes.
         items = dist.gather_sorted(self.acc, items)
-        preds, refs = [p for _, p, _ in items], [r for _, _, r in items]
+        preds, refs = [x[1] for x in items], [x[2] for x in items]
+        losses = [x[3] for x in items if x[3] is not None]
         dt = time.perf_counter() - t0
         model.train()
         self.predictions = {"predictions": preds, "references": refs}  # per example, for paired bootstraps
         m = self.b.task.metrics(preds, refs)
+        if losses and "loss" not in m:
+            m["loss"] = sum(losses) / len(losses)
         m["examples"] = len(refs)
         m["eval_s"] = dt
         m["eval_samples_per_s"] = len(refs) / dt if dt else None
@@ -227,7 +236,8 @@ class Trainer:
             ck.restore(run.state)
             run.guard.skips, run.resumed_from = run.state.nonfinite_skips, resumed.step
             self.log(event="resumed", step=run.state.step, checkpoint=resumed.path.name)
-        run.probe.at = min(total, run.state.step + 2)  # measure one step after warm-up
+        # measure one step after warm-up (not in a search rung: see RUNG_ESTIMATE)
+        run.probe.at = 0 if tc.stop_step(total) < total else min(total, run.state.step + 2)
         run.model.train()
         return run
 
@@ -347,11 +357,13 @@ class Trainer:
         final = self.evaluate(run.model, run.data["validation" if stopped else self.tc.eval_split])
         run.times["eval_s"] = final.get("eval_s")
         self.log(step=run.state.step, eval_final=final)
-        sd = dist.strategy_state_dict(self.acc, run.model, self.b.strategy) if self.b.recipe.output.save_weights else None
+        # A rung's weights are in its checkpoint (what the next rung resumes): no second copy.
+        save = self.b.recipe.output.save_weights and not stopped
+        sd = dist.strategy_state_dict(self.acc, run.model, self.b.strategy) if save else None
         self.model = self.acc.unwrap_model(run.model)
         wall_s = self.b.load_s + time.perf_counter() - run.t_start
         artifact = self._save_weights(sd) if self.acc.is_main_process else {}
-        result = R.build(run, final, rss, wall_s, artifact, self._estimate_at(run.probe))
+        result = R.build(run, final, rss, wall_s, artifact, None if stopped else self._estimate_at(run.probe))
         if stopped:
             result["metrics"].update(eval_split="validation", stopped_at=run.state.step, total_steps=run.total)
         if self.acc.is_main_process:
@@ -372,6 +384,8 @@ class Trainer:
 
     def _estimate(self, train, total_steps: int) -> dict:
         """The memory estimate at the longest batch this run will train on (known up front)."""
+        if self.tc.stop_step(total_steps) < total_steps:
+            return dict(RUNG_ESTIMATE)
         lengths = columns(train, ["length"])["length"]
         need, longest, epoch = total_steps * self.tc.grad_accum, 0, 0
         while need > 0:  # every epoch has at least one batch (epoch_batches): this ends

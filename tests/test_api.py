@@ -94,3 +94,7 @@ def test_progress_lines_and_eta(tmp_path):
     p = CompareProgress(tmp_path, [tmp_path / "a" / "seed0", tmp_path / "b" / "seed0"])
     assert not p.enabled  # pytest's stdout is no TTY: plain lines only
     assert p.render().splitlines()[-1] == "overall: 0/2 runs finished, ETA 1:20"
+    # A search shows each rung's trials under a title (search.search calls show at every stage).
+    p.show([("lora lr2e-03 (25%)", tmp_path / "a" / "seed0")], "search rung 1/2")
+    assert p.render().splitlines() == ["search rung 1/2", "lora lr2e-03 (25%)       step 4/10  1,234 tok/s  300 MiB  ETA 0:30",
+                                       "overall: 0/1 runs finished, ETA 0:30"]

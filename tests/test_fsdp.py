@@ -42,7 +42,7 @@ def test_cpu_fsdp_detection_and_refusals(monkeypatch):
 
 
 def _losses(run):
-    return [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def _free_port() -> int:

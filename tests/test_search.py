@@ -18,9 +18,20 @@ from peftkit.io import atomic_write_text
 from peftkit.recipe import dump_yaml
 
 
-def in_process(runs: list[Run], timeout=None, record=None):
+def in_process(runs: list, pool=None, echo=None, record=None):
+    """search._run_all, here: a trial batch through peftkit.trial_batch.main, a run through cli.main."""
+    from peftkit import trial_batch
+
     errs = []
     for r in runs:
+        if isinstance(r, trial_batch.TrialBatch):
+            if record is not None:
+                record += [(t.variant, t.dir.relative_to(t.dir.parents[2]).as_posix(), t.recipe.train.stop_at)
+                           for t in r.runs]
+            r.dir.mkdir(parents=True, exist_ok=True)
+            rc = trial_batch.main([r.command()[-1]])
+            errs.append(None if rc == 0 and r.done() else {"message": f"exit {rc}"})
+            continue
         r.dir.mkdir(parents=True, exist_ok=True)
         (r.dir / "result.json").unlink(missing_ok=True)
         f = r.dir.parent / f"seed{r.seed}.yaml"
@@ -43,7 +54,7 @@ def write_compare(tmp_path, tiny_models, sentiment_dir, lrs, max_steps=8, seeds=
 
 
 def loss_steps(log):
-    return [json.loads(x)["step"] for x in log.read_text().splitlines() if '"loss"' in x]
+    return [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]  # training steps
 
 
 def test_rungs_and_cost():
@@ -66,6 +77,7 @@ def test_selection_follows_validation_not_test(tiny_models, sentiment_dir, tmp_p
         split = "validation" if len(ds) == 32 else "test"
         seen.append((split, self.tc.lr, self.tc.seed))
         m["accuracy"] = planted[(split, self.tc.lr)] + 0.01 * self.tc.seed
+        m["loss"] = 1.0 - m["accuracy"]  # what a rung ranks by (search.metric: loss)
         return m
 
     import csv
@@ -100,9 +112,10 @@ def test_halving_continues_from_checkpoints_and_resumes(tiny_models, sentiment_d
     out = tmp_path / "out"
     calls = []
 
-    def killed(runs, timeout=None):  # the search process dies during rung 2
-        if any(r.recipe.train.stop_at == 0.5 for r in runs):
-            in_process(runs[:1], record=calls)
+    def killed(runs, pool=None, echo=None):  # the search process dies during rung 2, after its first trial
+        trials = [t for r in runs for t in getattr(r, "runs", [r])]
+        if any(t.recipe.train.stop_at == 0.5 for t in trials):
+            in_process(trials[:1], record=calls)
             raise KeyboardInterrupt
         return in_process(runs, record=calls)
 
@@ -112,7 +125,7 @@ def test_halving_continues_from_checkpoints_and_resumes(tiny_models, sentiment_d
     assert len(calls) == 4  # 3 trials at 25%, 1 of 2 at 50%
     before_kill = calls[-1][1]  # the rung-2 trial that finished before the kill
     calls.clear()
-    monkeypatch.setattr(search, "_run_all", lambda runs, timeout=None: in_process(runs, record=calls))
+    monkeypatch.setattr(search, "_run_all", lambda runs, pool=None, echo=None: in_process(runs, record=calls))
     assert search.search(f, out, echo=lambda *_: None) == 0
     assert [c[2] for c in calls] == [0.5, None]  # the other rung-2 trial, then the selected one to 100%
     assert calls[0][1] != before_kill
@@ -136,12 +149,17 @@ def test_shipped_search_recipe_costs_about_twice_the_comparison(tmp_path):
 
     f = ROOT / "recipes" / "quickstart" / "search.yaml"
     cr, runs, trials, plans = search.plan(f, tmp_path / "o", None)
-    assert len(trials) == 8 and all(len(ts) == 4 for ts in trials.values())
+    assert len(trials) == 8 and all(len(ts) == 3 for ts in trials.values())
     assert all(search.cost(len(ts), cr.search.eta) <= 2.0 for ts in trials.values())
-    for v, ts in trials.items():  # every default grid brackets the rate the plain comparison uses
-        lr = next(r for r in runs if r.variant == v).recipe.train.lr
-        lrs = [t.point["train.lr"] for t in ts]
-        assert min(lrs) < lr < max(lrs), (v, lr, lrs)
+    from peftkit import compare
+
+    plain = {r.variant: r.recipe for r in compare.plan(f.parent / "compare.yaml", tmp_path / "p")}
+    for v, ts in trials.items():  # the same budget as the plain comparison; its rate is an inner grid point
+        mine, theirs = next(r for r in runs if r.variant == v).recipe, plain[v]
+        assert (mine.train.max_steps, mine.train.batch_size, mine.task) == (
+            theirs.train.max_steps, theirs.train.batch_size, theirs.task), v
+        lrs = sorted(t.point["train.lr"] for t in ts)
+        assert theirs.train.lr in lrs[1:-1], (v, theirs.train.lr, lrs)
 
 
 def test_bad_search_section_one_line(tmp_path, tiny_models, sentiment_dir):
@@ -155,3 +173,28 @@ def test_bad_search_section_one_line(tmp_path, tiny_models, sentiment_dir):
     f.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="unknown variant"):
         search.plan(f, tmp_path / "o", None)
+
+
+def test_rungs_rank_by_validation_loss_or_by_the_metric_with_loss_breaking_ties():
+    """Short rungs tie on accuracy (every low rate predicts one class): the loss ranks them; with
+    search.metric primary, one more correct example beats any loss and the loss breaks ties."""
+    from types import SimpleNamespace
+
+    class Planted(search.Trial):
+        def __init__(self, label, acc, loss):
+            self.label, self.error, self.base = label, None, SimpleNamespace(variant="v")
+            self.res = {"metrics": {"primary_metric": "accuracy", "eval": {"accuracy": acc, "loss": loss}}}
+
+        def result(self, frac):
+            return self.res
+
+    lines = []
+    ts = [Planted("lr1e-04", 0.4275, 0.69), Planted("lr1e-03", 0.4275, 0.61), Planted("lr1e-02", 0.4275, 0.72)]
+    trials = {"v": list(ts)}
+    search._rung(trials, 0, {"v": [(3, 0.25)]}, None, lines.append, metric="primary")
+    assert [t.label for t in trials["v"]] == ["lr1e-03"] and "lr1e-03 loss 0.610, accuracy 0.4275" in lines[-1]
+    for metric, best in (("primary", "lr3e-02"), ("loss", "lr1e-03")):
+        trials = {"v": [*ts, Planted("lr3e-02", 0.43, 0.95)]}
+        search._rung(trials, 0, {"v": [(4, 0.25)]}, None, lines.append, metric=metric)
+        assert [t.label for t in trials["v"]] == [best], metric
+        assert f"ranked by {'accuracy' if metric == 'primary' else 'loss'}" in lines[-1]

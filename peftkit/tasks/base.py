@@ -25,8 +25,8 @@ class Task:
 
     The base reads the raw splits once (``raw_splits``: files, a builtin or a hub name, bad
     rows handled by ``task.data.bad_rows``), rebuilds tokenized splits on each ``datasets()``
-    call (truncation counted per build, not accumulated), and gives labelled kinds their
-    head size (``model_kwargs``) and ``info``.
+    call (truncation counted per build, not accumulated; only once with ``keep_encoded``), and
+    gives labelled kinds their head size (``model_kwargs``) and ``info``.
     """
 
     kind: ClassVar[str]
@@ -44,6 +44,8 @@ class Task:
         self.truncated = 0  # examples cut to max_length by the last datasets() call
         self.bad = BadRows(cfg.data.bad_rows)
         self._raw = None  # raw splits, read once
+        self.keep_encoded = False  # True: datasets() tokenizes once and keeps the splits
+        self._encoded = None
 
     @classmethod
     def check(cls, recipe) -> list[str]:
@@ -96,9 +98,14 @@ class Task:
 
     def datasets(self) -> dict:
         """Tokenized splits: {'train', 'validation', 'test'} -> datasets.Dataset."""
+        if self._encoded is not None:
+            return self._encoded
         raw = self.raw_splits()
         self.truncated = 0
-        return {split: self.encode_split(split, ds) for split, ds in raw.items()}
+        enc = {split: self.encode_split(split, ds) for split, ds in raw.items()}
+        if self.keep_encoded:  # peftkit.build.shared_data: the next build of this task reuses them
+            self._encoded = enc
+        return enc
 
     def encode_split(self, split: str, ds):
         """One raw split tokenized (adds to ``self.truncated``)."""
@@ -127,6 +134,11 @@ class Task:
     def eval_step(self, model, batch) -> tuple[list, list]:
         """Predictions and references of one batch, as python lists."""
         raise NotImplementedError
+
+    def eval_outputs(self, model, batch) -> tuple[list, list, list | None]:
+        """``eval_step`` plus each example's loss where the kind has one (None): the trainer reports
+        their mean as the ``loss`` metric (what a search ranks its rungs by)."""
+        return (*self.eval_step(model, batch), None)
 
     def metrics(self, preds: list, refs: list) -> dict[str, float]:
         raise NotImplementedError

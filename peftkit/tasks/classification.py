@@ -122,8 +122,14 @@ class Classification(Task):
 
     @torch.no_grad()
     def eval_step(self, model, batch):
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        return out.logits.argmax(-1).tolist(), batch["labels"].tolist()
+        return self.eval_outputs(model, batch)[:2]
+
+    def eval_outputs(self, model, batch):
+        import torch.nn.functional as F
+
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        return logits.argmax(-1).tolist(), batch["labels"].tolist(), loss.tolist()
 
     def metrics(self, preds, refs):
         from sklearn.metrics import accuracy_score, f1_score
