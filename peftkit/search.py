@@ -157,7 +157,7 @@ def _run_all(runs: list, pool, echo=print) -> list[dict | None]:
 def _train_trials(runs: list, pool, ex, folder: Path, title: str, echo) -> list[dict | None]:
     """A rung's trial runs, in ``executor.parallel`` batches of one process each (peftkit.trial_batch);
     the trials a dead batch left without a record again, a process each. Per run None or its error."""
-    from .trial_batch import TrialBatch, groups
+    from .trials import TrialBatch, groups
 
     if not runs:
         return []
