@@ -3,12 +3,18 @@
 Same model (builtin MiniLM), same SST-2 subset, same strategy, batch size, max length, lr,
 schedule and step count. Two settings:
 
-* ``identical``: both tools with the same precision (bf16 autocast), dynamic padding,
-  length-grouped batches and fused AdamW.
+* ``identical``: both tools with the same precision (``--precision``, bf16 autocast by
+  default), dynamic padding, length-grouped batches and fused AdamW.
 * ``defaults``: each tool's recommended defaults. HF: ``run_glue.py`` style (pad to
   max_length, fp32, random batches, its default optimizer); peftkit: its recipe defaults
-  (bf16 autocast, dynamic padding, length-grouped batches, its default optimizer (fused AdamW), OpenMP passive wait policy). Accuracy on
-  SST-2 test.tsv after a fixed number of steps is measured for this setting.
+  (bf16 autocast, dynamic padding, length-grouped batches, its default optimizer (fused AdamW), OpenMP passive wait policy).
+
+Accuracy on SST-2 test.tsv after ``--acc-steps`` steps (``--acc-seeds`` seeds, tools alternating)
+is measured in each of ``--settings``; LoRA once per ``--poolers`` mode (see POOLERS). The
+issue-18 case, identical settings::
+
+    python benchmarks/vs_hf_trainer.py --settings identical --precision fp32 --reps 0 --n-train 2000 \
+        --acc-steps 63 --max-length 64 --strategies lora full --poolers train lora --name vs_hf_trainer_accuracy_identical
 
 Every run is a fresh subprocess; tools alternate within each repetition. Throughput is
 timed identically for both (``common.StepClock``: optimizer-step timestamps, real tokens
@@ -37,6 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 LORA = dict(r=8, alpha=16.0, targets=["query", "key", "value", "output.dense", "intermediate.dense"])
+# What LoRA does with the classification pooler (BERT's CLS -> dense -> tanh, all-MiniLM-L6-v2 never
+# trained it: it was trained with mean pooling). "train": trainable in full (peftkit's default,
+# task.train_pooler; HF: modules_to_save=[classifier, pooler]); "lora": LoRA on pooler.dense too (HF's
+# usual target_modules=[query, key, value, dense]); "frozen": neither (peftkit task.train_pooler=false).
+POOLERS = ("train", "lora", "frozen")
 
 
 # -- workers (one training run each, in a fresh process) ---------------------------------------
@@ -58,15 +69,15 @@ def worker_peftkit(spec: dict) -> dict:
 
     pol = _policy(spec, "peftkit")
     strategy = {"name": spec["strategy"]}
+    pooler = spec.get("pooler", "train")
     if spec["strategy"] == "lora":
-        strategy.update(r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["targets"])
+        targets = LORA["targets"] + (["pooler.dense"] if pooler == "lora" else [])
+        strategy.update(r=LORA["r"], alpha=LORA["alpha"], target_modules=targets)
     rec = R.from_dict({
         "name": "bench",
         "model": {"name": spec["model"], **spec.get("model_extra", {})},
-        # identical: HF's peft model trains the classifier only, so the pooler stays frozen here too
         "task": {"kind": "classification", "max_length": spec["max_length"], "text_column": "sentence",
-                 **({"train_pooler": False} if spec["setting"] == "identical" else {}),
-                 "label_column": "label",
+                 "label_column": "label", "train_pooler": pooler == "train" or spec["strategy"] == "full",
                  "data": common.sst2_data_section(spec["n_train"], None if spec["eval"] else 32, Path(spec["data"]))},
         "strategy": strategy,
         "train": {"seed": spec["seed"], "max_steps": spec["steps"], "batch_size": spec["batch"], "lr": spec["lr"],
@@ -91,7 +102,7 @@ def worker_peftkit(spec: dict) -> dict:
     out = {"speed": clock.summary(spec["warmup"]), "phases": clock.phases(T_PROCESS),
            "peak_rss_delta_bytes": rss.peak - rss.baseline, "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(),
            "policy": pol, "trainer_speed": res["speed"], "trainer_memory": res["memory"]["measured"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-           "optimizer": rec.train.optimizer}
+           "optimizer": rec.train.optimizer, "trainable_params": res["params"]["trainable"]}
     if spec["eval"]:
         out["accuracy"] = res["metrics"]["eval"]["accuracy"]
         out["eval_examples"] = res["metrics"]["eval"]["examples"]
@@ -115,9 +126,11 @@ def worker_hf(spec: dict) -> dict:
     if spec["strategy"] == "lora":
         import peft
 
+        pooler = spec.get("pooler", "train")
         model = peft.get_peft_model(model, peft.LoraConfig(
-            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["targets"],
-            modules_to_save=["classifier"], task_type="SEQ_CLS"))
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+            target_modules=LORA["targets"] + (["pooler.dense"] if pooler == "lora" else []),
+            modules_to_save=["classifier"] + (["pooler"] if pooler == "train" else []), task_type="SEQ_CLS"))
     splits = common.sst2_hf_splits(spec["n_train"], None, Path(spec["data"]))
     pad = "max_length" if pol["pad_to_max"] else False
 
@@ -132,7 +145,8 @@ def worker_hf(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as d:
         args = TrainingArguments(
             output_dir=d, per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=2 * spec["batch"],
-            learning_rate=spec["lr"], max_steps=spec["steps"], warmup_steps=spec["warmup_ratio"],
+            # peftkit's warm-up: int(ratio x steps) (HF reads a float < 1 as a ratio but rounds up)
+            learning_rate=spec["lr"], max_steps=spec["steps"], warmup_steps=int(spec["warmup_ratio"] * spec["steps"]),
             lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, bf16=pol["precision"] == "bf16",
             use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to="none", logging_steps=10,
             disable_tqdm=True, seed=spec["seed"], dataloader_num_workers=0,
@@ -145,11 +159,16 @@ def worker_hf(spec: dict) -> dict:
             trainer.train()
         clock.close()
         out = {"speed": clock.summary(spec["warmup"]), "phases": clock.phases(T_PROCESS),
-               "peak_rss_delta_bytes": rss.peak - rss.baseline, "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(), "policy": pol,
-               "hf_optim": str(args.optim), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+               "peak_rss_delta_bytes": rss.peak - rss.baseline, "rss_baseline_bytes": rss.baseline,
+               "process_peak_rss_bytes": common.peak_rss_bytes(), "policy": pol,
+               "hf_optim": str(args.optim), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         if spec["eval"]:
             pred = trainer.predict(test.remove_columns(["length"]))
-            out["accuracy"] = float((np.argmax(pred.predictions, -1) == np.array(test["label"])).mean())
+            # label_ids, not test["label"]: with train_sampling_strategy="group_by_length" transformers 5
+            # predicts through a length-grouped (shuffled) sampler too (Trainer._get_eval_sampler), so
+            # the predictions come back in another order than the dataset's (~50% accuracy against it).
+            out["accuracy"] = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
             out["eval_examples"] = len(test)
     return out
 
@@ -187,20 +206,30 @@ def run(args) -> dict:
                           f"start-up {ph['startup_s']:.1f} s, training {ph['epoch_s']:.1f} s "
                           f"(load {r['loadavg_after'][0]:.2f})", flush=True)
     acc = []
+    n_acc = acc_sentences(args)
     if args.acc_steps:
-        for strategy in args.strategies:
-            for seed in range(args.acc_seeds):
-                for tool in ("peftkit", "hf"):
-                    spec = {**base, "tool": tool, "setting": "defaults", "strategy": strategy, "lr": lrs[strategy],
-                            "steps": args.acc_steps, "warmup": args.warmup, "eval": True, "seed": seed,
-                            "n_train": max(args.n_train, args.acc_steps * args.batch)}
-                    r = common.run_worker(script, spec, env=_env(spec))
-                    acc.append({"spec": spec, **r})
-                    print(f"accuracy  {strategy:5s} seed {seed} {tool:7s}: {r['accuracy']:.4f} after "
-                          f"{args.acc_steps} steps ({r['speed']['samples_per_s']:.1f} samples/s)", flush=True)
+        for setting in args.settings:
+            for strategy in args.strategies:
+                for pooler in (args.poolers if strategy == "lora" else ["train"]):
+                    for seed in range(args.acc_seeds):
+                        for tool in ("peftkit", "hf") if seed % 2 == 0 else ("hf", "peftkit"):
+                            spec = {**base, "tool": tool, "setting": setting, "strategy": strategy, "lr": lrs[strategy],
+                                    "steps": args.acc_steps, "warmup": args.warmup, "eval": True, "seed": seed,
+                                    "n_train": n_acc, "pooler": pooler}
+                            r = common.run_worker(script, spec, env=_env(spec))
+                            acc.append({"spec": spec, **r})
+                            print(f"accuracy  {setting:9s} {strategy:5s} pooler {pooler:6s} seed {seed} {tool:7s}: "
+                                  f"{r['accuracy']:.4f} after {args.acc_steps} steps ({r['speed']['samples_per_s']:.1f} "
+                                  f"samples/s, {r['trainable_params']:,} trainable; load {r['loadavg_after'][0]:.2f})",
+                                  flush=True)
     return {"schema": "peftkit.bench.vs_hf/1", "args": {k: str(v) if isinstance(v, Path) else v
                                                           for k, v in vars(args).items()},
             "precision": precision, "steps": steps, "runs": runs, "accuracy_runs": acc, "summary": summarize(runs, acc)}
+
+
+def acc_sentences(args) -> int:
+    """n_train sentences if they fill acc_steps batches (2,000 of 32: 63 steps, one epoch), else more."""
+    return args.n_train if -(-args.n_train // args.batch) >= args.acc_steps else args.acc_steps * args.batch
 
 
 def summarize(runs: list[dict], acc: list[dict]) -> dict:
@@ -227,25 +256,39 @@ def summarize(runs: list[dict], acc: list[dict]) -> dict:
         row["padding_frac"] = {"peftkit": common.spread([p["speed"]["padding_frac"] for p, _ in pairs]),
                                "hf": common.spread([h["speed"]["padding_frac"] for _, h in pairs])}
         out[f"{setting}/{strategy}"] = row
-    for strategy in sorted({a["spec"]["strategy"] for a in acc}):
-        runs = [a for a in acc if a["spec"]["strategy"] == strategy]
-        entry = {"steps": runs[0]["spec"]["steps"]}
+    groups = dict.fromkeys((a["spec"]["setting"], a["spec"]["strategy"], a["spec"].get("pooler", "train")) for a in acc)
+    for setting, strategy, pooler in groups:
+        runs = [a for a in acc if (a["spec"]["setting"], a["spec"]["strategy"], a["spec"].get("pooler", "train"))
+                == (setting, strategy, pooler)]
+        entry = {"steps": runs[0]["spec"]["steps"], "n_train": runs[0]["spec"]["n_train"], "pooler": pooler}
         for tool in ("peftkit", "hf"):
             xs = [a["accuracy"] for a in runs if a["spec"]["tool"] == tool]
             entry[tool] = {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-                           "seeds": len(xs), "values": xs}
-        out.setdefault(f"defaults/{strategy}", {})["accuracy"] = entry
+                           "seeds": len(xs), "values": xs, "min": min(xs), "max": max(xs),
+                           "trainable_params": next(a["trainable_params"] for a in runs if a["spec"]["tool"] == tool)}
+        entry["within_hf_spread"] = entry["hf"]["min"] <= entry["peftkit"]["mean"] <= entry["hf"]["max"]
+        if entry["peftkit"]["seeds"] > 1 and entry["hf"]["seeds"] > 1:
+            from scipy import stats
+
+            pk, hf = ([a["accuracy"] for a in runs if a["spec"]["tool"] == t] for t in ("peftkit", "hf"))
+            p = float(stats.ttest_ind(pk, hf, equal_var=False).pvalue)
+            entry["welch_p"] = p if p == p else None  # nan: no spread on either side
+        key = f"{setting}/{strategy}" + (f"/pooler-{pooler}" if strategy == "lora" else "")
+        out.setdefault(key, {})["accuracy"] = entry
     return out
 
 
 TARGETS = {"identical": 1.5, "defaults": 2.0}  # issue #16: >= 1.5x HF at identical settings
+POOLER_TEXT = {"train": "trainable in full (peftkit's default; HF `modules_to_save=[classifier, pooler]`)",
+               "lora": "LoRA on `pooler.dense` too (HF `target_modules=[query, key, value, dense]`)",
+               "frozen": "frozen (peftkit `task.train_pooler=false`; HF `modules_to_save=[classifier]`)"}
 
 
 def markdown(data: dict, env: dict) -> str:
     a = data["args"]
     lines = ["# peftkit vs HF Trainer + peft (MiniLM, SST-2)", ""]
     if not data["runs"]:  # accuracy runs only
-        lines += [f"Builtin MiniLM (all-MiniLM-L6-v2) on a fixed {max(a['n_train'], a['acc_steps'] * a['batch'])}-sentence "
+        lines += [f"Builtin MiniLM (all-MiniLM-L6-v2) on a fixed {acc_sentences(argparse.Namespace(**a))}-sentence "
                   f"subset of SST-2 train ({a['acc_steps']} steps of {a['batch']}: one epoch), max length "
                   f"{a['max_length']}, each run in a fresh process."]
     else:
@@ -289,15 +332,23 @@ def markdown(data: dict, env: dict) -> str:
             lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | " + " | ".join(cells) + " |")
     accs = {k: v["accuracy"] for k, v in data["summary"].items() if "accuracy" in v}
     if accs:
-        lines += ["", "Accuracy on SST-2 test.tsv (872 sentences), recommended defaults, same steps/lr/batch and "
-                  "seeds (mean ± std over seeds):", "",
-                  "| strategy | steps | seeds | peftkit | HF Trainer + peft | difference |", "|---|---|---|---|---|---|"]
+        lines += ["", f"Accuracy on SST-2 test.tsv (872 sentences) after one pass over the training sentences, same "
+                  f"steps/lr/batch/seeds for both tools, tools alternating (mean ± std over seeds; [min – max]). "
+                  f"Precision in the identical setting: {a.get('precision', 'bf16')}. Pooler: " + "; ".join(
+                      f"{k} = {v}" for k, v in POOLER_TEXT.items()) + ".", "",
+                  "| setting | strategy | pooler | sentences | steps | seeds | trainable peftkit / HF | peftkit | "
+                  "HF Trainer + peft | difference | peftkit mean within HF's seed range | Welch p |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, v in accs.items():
             p, h = v["peftkit"], v["hf"]
-            lines.append(f"| {key.split('/')[1]} | {v.get('steps')} | {p['seeds']} | "
-                         f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}% | {100 * h['mean']:.2f} ± {100 * h['std']:.2f}% | "
-                         f"{100 * (p['mean'] - h['mean']):+.2f} pt |")
-    lines += ["", f"Policies: identical = {data.get('precision', 'bf16')} (both tools), dynamic padding, length-grouped batches, fused AdamW and "
+            rng = lambda x: f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}% [{100 * x['min']:.1f} – {100 * x['max']:.1f}]"  # noqa: E731
+            pval = f"{v['welch_p']:.2f}" if v.get("welch_p") is not None else "–"
+            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | {v.get('pooler', 'train')} | {v.get('n_train')} | "
+                         f"{v.get('steps')} | {p['seeds']} | {p['trainable_params']:,} / {h['trainable_params']:,} | "
+                         f"{rng(p)} | {rng(h)} | {100 * (p['mean'] - h['mean']):+.2f} pt | "
+                         f"{'yes' if v['within_hf_spread'] else 'no'} | {pval} |")
+    prec = data.get("precision") or a.get("precision", "bf16")  # resolved for this machine
+    lines += ["", f"Policies: identical = {prec}, dynamic padding, length-grouped batches, fused AdamW and "
               "OMP_WAIT_POLICY=PASSIVE for both; defaults = HF `run_glue.py` style (fp32, pad to max_length, random "
               "batches, `adamw_torch_fused`) vs peftkit recipe defaults (precision auto, "
               "dynamic padding, length-grouped batches, fused AdamW). Both tools run with OMP_WAIT_POLICY=PASSIVE in "
@@ -311,8 +362,8 @@ def markdown(data: dict, env: dict) -> str:
 def smoke_args(args):
     model, data = common.tiny_setup()
     args.model, args.data = str(model), data
-    args.n_train, args.steps, args.warmup, args.reps, args.acc_steps, args.acc_seeds = 64, 4, 1, 1, 2, 1
-    args.settings, args.strategies = ["defaults"], ["lora"]
+    args.n_train, args.steps, args.warmup, args.reps, args.acc_steps, args.acc_seeds = 64, 4, 1, 1, 2, 2
+    args.settings, args.strategies, args.poolers, args.precision = ["identical"], ["lora"], ["train", "lora"], "fp32"
     args.max_length, args.batch = 32, 8
     return args
 
@@ -337,6 +388,9 @@ def main(argv=None):
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--acc-steps", type=int, default=300, help="steps of the accuracy runs (0 = none)")
     p.add_argument("--acc-seeds", type=int, default=3, help="seeds of the accuracy runs, per tool and strategy")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="the identical setting's precision")
+    p.add_argument("--poolers", nargs="+", default=["train"], choices=POOLERS,
+                   help="LoRA accuracy runs: what happens to the classification pooler (see POOLERS)")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--name", default="vs_hf_trainer", help="results file name (without extension)")
     p.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps, nothing written")
