@@ -264,6 +264,23 @@ def _cpu_lines(cpu: dict | None) -> list[str]:
             + (f"; {cpu['note']}" if cpu.get("note") else "")]
 
 
+def environment_section(data: dict, env: dict) -> list[str]:
+    """The markdown tail every results file ends with: the environment, load at the end, wall time."""
+    return ["", "## Environment", "", *env_lines(env),
+            f"- load average at end: {', '.join(f'{x:.2f}' for x in data['loadavg_end'])}; wall "
+            f"{data['wall_s'] / 60:.1f} min", ""]
+
+
+def run_and_publish(args, run, markdown) -> None:
+    """``run(args)`` timed, with the environment at its start and the load at its end, then published."""
+    env = environment()
+    t0 = time.time()
+    data = run(args)
+    data["env"], data["loadavg_end"] = env, os.getloadavg()
+    data.setdefault("wall_s", time.time() - t0)
+    publish(args.name, data, markdown(data, env), args.out, write=not args.smoke)
+
+
 def publish(name: str, data: dict, markdown: str, out_dir: Path = RESULTS, write: bool = True) -> None:
     """Print the rendered table; with ``write``, save ``<name>.json`` (the data) and ``<name>.md``."""
     from peftkit.io import atomic_write_json, atomic_write_text

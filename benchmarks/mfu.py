@@ -204,9 +204,7 @@ def markdown(data: dict, env: dict) -> str:
                      f"{med(lambda r: r['flops_per_token']) / 1e6:.1f} | {med(lambda r: r['speed']['tokens_per_s']):.0f} | "
                      f"{med(lambda r: r['model_flops_per_s']) / 1e9:.1f} | {100 * mfu:.1f}% | "
                      f"{common.fmt(100 * mm if (mm := med(lambda r: r.get('mfu_trainer'))) else None)}% | {tgt} |")
-    lines += ["", "## Environment", "", *common.env_lines(env),
-              f"- load average at end: {', '.join(f'{x:.2f}' for x in data['loadavg_end'])}; wall "
-              f"{data['wall_s'] / 60:.1f} min", ""]
+    lines += common.environment_section(data, env)
     return "\n".join(lines)
 
 
@@ -244,10 +242,7 @@ def main(argv=None):
         model, data_dir = common.tiny_setup()
         args.model, args.data, args.n_train, args.steps, args.warmup = str(model), data_dir, 64, 4, 1
         args.batch, args.max_length, args.sizes, args.repeats, args.strategies = 8, 32, [256], 2, ["full", "lora"]
-    env = common.environment()
-    data = run(args)
-    data["env"], data["loadavg_end"] = env, os.getloadavg()
-    common.publish(args.name, data, markdown(data, env), args.out, write=not args.smoke)
+    common.run_and_publish(args, run, markdown)
     return 0
 
 

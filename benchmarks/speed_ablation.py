@@ -18,9 +18,7 @@ import vs_hf_trainer  # first: its T_PROCESS is this process's start  # noqa: I0
 import argparse
 import contextlib
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import common
@@ -120,9 +118,7 @@ def markdown(data: dict, env: dict) -> str:
         lines.append(f"| {name} | {r['what']} | {f(r['startup_s']['median'])} | {f(r['epoch_s']['median'])} | "
                      f"{f(e['median'], 2)} [{f(e['min'], 2)} – {f(e['max'], 2)}] | {f(r['tokens_per_s']['median'], 0)} | "
                      f"{f(t['median'], 2)} [{f(t['min'], 2)} – {f(t['max'], 2)}] |")
-    lines += ["", "## Environment", "", *common.env_lines(env),
-              f"- load average at end: {', '.join(f'{x:.2f}' for x in data['loadavg_end'])}; wall "
-              f"{data['wall_s'] / 60:.1f} min", ""]
+    lines += common.environment_section(data, env)
     return "\n".join(lines)
 
 
@@ -157,11 +153,7 @@ def main(argv=None):
         args.model, args.data, args.n_train, args.reps, args.warmup, args.max_length, args.batch = \
             str(model), data, 48, 1, 1, 32, 8
         args.variants = [v for v in args.variants if v != "compile"]
-    env = common.environment()
-    t0 = time.time()
-    data = run(args)
-    data["env"], data["wall_s"], data["loadavg_end"] = env, time.time() - t0, os.getloadavg()
-    common.publish(args.name, data, markdown(data, env), args.out, write=not args.smoke)
+    common.run_and_publish(args, run, markdown)
     return 0
 
 

@@ -353,9 +353,7 @@ def markdown(data: dict, env: dict) -> str:
               "batches, `adamw_torch_fused`) vs peftkit recipe defaults (precision auto, "
               "dynamic padding, length-grouped batches, fused AdamW). Both tools run with OMP_WAIT_POLICY=PASSIVE in "
               "both settings (peftkit sets it on import; HF gets it from the environment, which favours HF on a "
-              "loaded CPU).", "", "## Environment", "", *common.env_lines(env),
-              f"- load average at end: {', '.join(f'{x:.2f}' for x in data['loadavg_end'])}; wall "
-              f"{data['wall_s'] / 60:.1f} min", ""]
+              "loaded CPU).", *common.environment_section(data, env)]
     return "\n".join(lines)
 
 
@@ -404,11 +402,7 @@ def main(argv=None):
         return 0
     if args.smoke:
         args = smoke_args(args)
-    env = common.environment()
-    t0 = time.time()
-    data = run(args)
-    data["env"], data["wall_s"], data["loadavg_end"] = env, time.time() - t0, os.getloadavg()
-    common.publish(args.name, data, markdown(data, env), args.out, write=not args.smoke)
+    common.run_and_publish(args, run, markdown)
     return 0
 
 
