@@ -386,7 +386,6 @@ def main(argv=None):
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--acc-steps", type=int, default=300, help="steps of the accuracy runs (0 = none)")
     p.add_argument("--acc-seeds", type=int, default=3, help="seeds of the accuracy runs, per tool and strategy")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="the identical setting's precision")
     p.add_argument("--poolers", nargs="+", default=["train"], choices=POOLERS,
                    help="LoRA accuracy runs: what happens to the classification pooler (see POOLERS)")
     p.add_argument("--out", type=Path, default=common.RESULTS)
