@@ -7,6 +7,12 @@ epoch (max length 64, bf16), for each seed, in its own process; test accuracy on
     python benchmarks/sst2_accuracy.py                     # runs compare, writes results/sst2_accuracy.*
     python benchmarks/sst2_accuracy.py --table-only runs/sst2-compare   # re-render an existing run
     python benchmarks/sst2_accuracy.py --set task.data.max_train_samples=2000 --seeds-note "..."
+    python benchmarks/sst2_accuracy.py --compare benchmarks/sst2/search.yaml --runs runs/sst2-search \
+        --name sst2_search       # every strategy at its own lr, chosen on validation (peftkit search)
+
+A search run (the compare recipe has a ``search:`` section) adds, from the run's search.json and
+report.json: the selected lr and the validation loss/accuracy over each strategy's grid, the test
+mean with its 95% interval, and peftkit's recommendation paragraph.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 COMPARE = Path(__file__).resolve().parent / "sst2" / "compare.yaml"
-# Targets (printed, never asserted): full >= 89%; LoRA and adapters within 1 point of full;
-# QLoRA within 1.5 points of LoRA.
+# Targets (printed, never asserted; issue 18): full >= 89%; LoRA, QLoRA and adapters within 1 point
+# of full.
 TARGETS = {"full": ("abs", 0.89), "lora": ("vs", "full", 0.01), "adapter": ("vs", "full", 0.01),
-           "qlora": ("vs", "lora", 0.015)}
+           "qlora": ("vs", "full", 0.01)}
 
 
 def collect(out: Path) -> dict:
@@ -88,9 +94,78 @@ def markdown(rows: dict, meta: dict, env: dict) -> str:
         lines.append(f"| {name} | {common.fmt(v['trainable_pct'], 2)} | {acc} | {v['seeds_ok']}/{v['seeds']} | "
                      f"{common.fmt(pk / 2**20 if pk else None, 0)} | {common.fmt(v['train_s_median'], 0)} | "
                      f"{common.fmt(v['samples_per_s_median'])} | {verdict(name, rows)} |")
+    lines += search_lines(meta.get("search"))
     lines += ["", "## Environment", "", *common.env_lines(env),
               f"- load average at end: {', '.join(f'{x:.2f}' for x in meta['loadavg_end'])}", ""]
     return "\n".join(lines)
+
+
+def collect_search(out: Path) -> dict | None:
+    """A search run's grid on validation (search.json) and test uncertainty/recommendation (report.json)."""
+    try:
+        state = json.loads((out / "search.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        rep = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        rep = {}
+    test = {r["variant"]: r for r in rep.get("search", {}).get("test", [])}
+    variants = {}
+    for v, s in state["variants"].items():
+        t = test.get(v, {})
+        variants[v] = {"selected": s.get("selected"), "lr": (s.get("selected_point") or {}).get("train.lr"),
+                       "grid": [{"lr": x["point"].get("train.lr"), "error": x.get("error"),
+                                 "rungs": {f: {"loss": r.get("validation_loss"), "metric": r.get("validation"),
+                                               "steps": r.get("steps")} for f, r in x["rungs"].items()}}
+                                for x in s["trials"]],
+                       "ci": t.get("ci"), "ci_method": t.get("ci_method"), "edge": t.get("edge"),
+                       "vs_best": t.get("vs_best")}
+    return {"eta": state.get("eta"), "seed": state.get("seed"), "metric": state.get("variants", {}) and next(
+        iter(state["variants"].values())).get("ranked_by"), "variants": variants,
+        "recommendation": (rep.get("recommendation") or {}).get("text")}
+
+
+def search_lines(search: dict | None) -> list[str]:
+    if not search:
+        return []
+    lines = ["", "## Learning rate per strategy, chosen on validation", "",
+             f"Successive halving, eta {search['eta']}, seed {search['seed']}, ranked by validation "
+             f"{search['metric']} (first 2,000 sentences of validation.tsv, held-out GLUE train); "
+             "validation loss / accuracy per grid point at each rung (fraction of the budget); "
+             "**bold**: selected. The test split was evaluated only for the selected rate.", "",
+             "| strategy | lr | " + " | ".join(f"rung {f}" for f in _fracs(search)) + " |",
+             "|---|---|" + "---|" * len(_fracs(search))]
+    for v, s in search["variants"].items():
+        for g in s["grid"]:
+            lr = f"{g['lr']:g}" if g["lr"] is not None else "?"
+            if g["lr"] == s["lr"]:
+                lr = f"**{lr}**"
+            cells, failed_shown = [], False
+            for f in _fracs(search):
+                r = g["rungs"].get(f)
+                if r and r["loss"] is not None:
+                    cells.append(f"{r['loss']:.4f} / {100 * r['metric']:.2f}")
+                else:  # a failed trial: marked at the rung it failed in; later rungs it never joined
+                    cells.append("failed" if g["error"] and not failed_shown else "")
+                    failed_shown = failed_shown or bool(g["error"])
+            lines.append(f"| {v} | {lr} | " + " | ".join(cells) + " |")
+    lines += ["", "| strategy | selected lr | test 95% CI | vs best | grid edge |", "|---|---|---|---|---|"]
+    for v, s in search["variants"].items():
+        ci = f"{100 * s['ci'][0]:.2f}–{100 * s['ci'][1]:.2f} ({s['ci_method']})" if s.get("ci") else "–"
+        vb = s.get("vs_best")
+        vb = "best" if vb is None and s.get("ci") else ("significantly worse" if vb and vb.get("worse") else
+                                                         "within uncertainty" if vb else "–")
+        lr = "–" if s["lr"] is None else f"{s['lr']:g}"
+        lines.append(f"| {v} | {lr} | {ci} | "
+                     f"{vb} | {s['edge'] or ''} |")
+    if search.get("recommendation"):
+        lines += ["", "peftkit's recommendation (computed from the numbers above): " + search["recommendation"]]
+    return lines
+
+
+def _fracs(search: dict) -> list[str]:
+    return sorted({f for s in search["variants"].values() for g in s["grid"] for f in g["rungs"]}, key=float)
 
 
 def main(argv=None):
@@ -100,6 +175,7 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], help="dotted overrides passed to peftkit compare")
     p.add_argument("--table-only", action="store_true", help="only render the table from --runs")
     p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--name", default="sst2_accuracy", help="results file stem (sst2_search for the search)")
     args = p.parse_args(argv)
     overrides = [f"task.data.dir={common.SST2}", *args.set]
     env = common.environment()
@@ -117,8 +193,8 @@ def main(argv=None):
         wall = sum(x.get("wall_s") or 0 for v in rows.values() for x in v["runs"])
     meta = {"compare": str(args.compare.relative_to(common.ROOT)) if args.compare.is_relative_to(common.ROOT)
             else str(args.compare), "overrides": overrides, "wall_s": wall,
-            "loadavg_end": os.getloadavg(), "runs_dir": str(args.runs)}
-    common.publish("sst2_accuracy", {"schema": "peftkit.bench.sst2/1", "meta": meta, "env": env, "variants": rows},
+            "loadavg_end": os.getloadavg(), "runs_dir": str(args.runs), "search": collect_search(args.runs)}
+    common.publish(args.name, {"schema": "peftkit.bench.sst2/1", "meta": meta, "env": env, "variants": rows},
                    markdown(rows, meta, env), args.out)
     return 0
 
