@@ -41,7 +41,7 @@ from pathlib import Path
 from .errors import RecipeError
 from .io import atomic_write_json
 from .search_space import (DEFAULT_LR, LOWER_IS_BETTER, LogGrid, SearchConfig, Space,  # noqa: F401
-                           _label, cost, points, rungs)
+                           _label, beyond_edge, cost, points, rungs)
 
 SCHEMA = "peftkit.search/1"
 
@@ -181,10 +181,52 @@ def _train_trials(runs: list, pool, ex, folder: Path, title: str, echo) -> list[
     return errs
 
 
+def _train_rung(todo: list[tuple[Trial, float]], title: str, name: str, pool, ex, echo) -> None:
+    """Train the rung's trials (batches under ``DIR/_search/<name>``); a failed one is recorded and drops out."""
+    runs = [t.run(frac) for t, frac in todo]
+    folder = todo[0][0].out / "_search" / name if todo else None
+    for (t, frac), err in zip(todo, _train_trials(runs, pool, ex, folder, title, echo)):
+        if err is None:
+            atomic_write_json(t.rung_file(frac), read_json(t.dir / "result.json"))
+        else:
+            t.error = err["message"]
+            echo(f"[search] {t.base.variant} {t.label}: FAILED ({t.error}); details in {t.dir / 'error.json'}")
+
+
+def _extend(trials: dict[str, list[Trial]], every: dict, plans: dict, times: int, pool, ex, metric: str,
+            echo) -> None:
+    """SearchConfig.extend: while a variant's best first-rung lr is on its grid's edge, a point beyond."""
+    frac = {v: p[0][1] for v, p in plans.items() if p}
+    for n in range(times):
+        todo, added = [], False
+        for v, alive in trials.items():
+            f = frac.get(v)
+            scored = [t for t in alive if f is not None and t.score(f) is not None]
+            if not scored:
+                continue
+            best = min(scored, key=lambda t: t.rank_key(f, metric))  # min: the first best, as sorted() in _rung
+            lr = beyond_edge([t.point["train.lr"] for t in every[v]], best.point["train.lr"])
+            if lr is None:
+                continue
+            t = Trial(best.base, {**best.point, "train.lr": lr}, best.out)
+            if any(o.label == t.label for o in every[v]):
+                continue
+            echo(f"[search] {v}: the best lr after rung 1, {best.point['train.lr']:g}, is on the grid's edge: "
+                 f"adding {lr:g} (+{f:.0%} of a budget)")
+            alive.append(t)
+            every[v].append(t)
+            added = True
+            if t.result(f) is None:
+                todo.append((t, f))
+        if not added:
+            return
+        _train_rung(todo, f"search rung 1, grid edge {n + 1}", f"rung1-edge{n + 1}", pool, ex, echo)
+
+
 def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, pool, echo, ex=None, progress=None,
-          metric: str = "loss") -> None:
-    """Rung ``k`` of every variant that has one, in one batch; then keep the best of each (``metric``:
-    SearchConfig.metric)."""
+          metric: str = "loss", extend: int = 0, every: dict | None = None) -> None:
+    """Rung ``k`` of every variant that has one, in one batch; at rung 1, ``extend`` (SearchConfig) grid
+    edges; then keep the best of each (``metric``: SearchConfig.metric)."""
     from . import executors as X
 
     ex = ex or X.ExecutorSection()
@@ -201,14 +243,10 @@ def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, pool, echo, ex=No
     if todo:
         echo(f"[search] {title}: {len(todo)} of {len(shown)} trial(s) to train "
              f"({', '.join(sorted({f'{f:.0%}' for _, f in todo}))} of the budget, validation only)")
-    runs = [t.run(frac) for t, frac in todo]
-    folder = todo[0][0].out / "_search" / f"rung{k + 1}" if todo else None
-    for (t, frac), err in zip(todo, _train_trials(runs, pool, ex, folder, title, echo)):
-        if err is None:
-            atomic_write_json(t.rung_file(frac), read_json(t.dir / "result.json"))
-        else:
-            t.error = err["message"]
-            echo(f"[search] {t.base.variant} {t.label}: FAILED ({t.error}); details in {t.dir / 'error.json'}")
+    _train_rung(todo, title, f"rung{k + 1}", pool, ex, echo)
+    if k == 0 and extend:
+        _extend(trials, every if every is not None else {v: list(ts) for v, ts in trials.items()}, plans, extend,
+                pool, ex, metric, echo)
     for v, alive in trials.items():
         if k >= len(plans[v]):
             continue
@@ -290,7 +328,7 @@ def search(path, out, overrides=None, timeout=None, echo=print, executor: dict |
          f"validation: {budgets:.2f} run budgets for {len(trials)} variant(s) ({budgets / max(1, len(trials)):.2f}x "
          f"a plain comparison), then {len(cr.seeds) - 1} more seed(s) per variant at its selected setting")
     for k in range(max((len(p) for p in plans.values()), default=0)):
-        _rung(trials, k, plans, pool, echo, ex, progress, cr.search.metric)
+        _rung(trials, k, plans, pool, echo, ex, progress, cr.search.metric, cr.search.extend, every)
         write_state(out, _state(cr, every, trials, plans))
     chosen = {v: ts[0] for v, ts in trials.items() if ts}
     final = _final_runs(runs, chosen)
@@ -329,5 +367,9 @@ def _state(cr, every: dict, alive: dict, plans: dict) -> dict:
         sel = alive[v][0] if alive[v] and done else None
         variants[v] = {"strategy": ts[0].recipe.strategy.name, "metric": metric, "ranked_by": by, "rungs": plans[v],
                        "trials": rows, "selected": sel.label if sel else None,
-                       "selected_point": sel.point if sel else None, "cost_budgets": cost(len(ts), cr.search.eta)}
+                       "selected_point": sel.point if sel else None,
+                       # extension points (SearchConfig.extend) train the first rung's fraction each
+                       "extended": [t.label for t in ts[plans[v][0][0]:]] if plans[v] else [],
+                       "cost_budgets": cost(plans[v][0][0] if plans[v] else len(ts), cr.search.eta)
+                       + (len(ts) - plans[v][0][0]) * plans[v][0][1] if plans[v] else cost(len(ts), cr.search.eta)}
     return {"eta": cr.search.eta, "split": "validation", "seed": cr.seeds[0], "variants": variants}

@@ -74,7 +74,22 @@ class SearchConfig(Space):
     # then 0.36 on test). The loss is a proper score: it ranks how far each trial got, and a
     # diverged one last (HF Trainer's metric_for_best_model defaults to it for the same reason).
     metric: Literal["loss", "primary"] = "loss"
+    # Grid-edge extension: when a variant's best lr after the first rung is its grid's lowest (or
+    # highest), one more point a grid step beyond it (the ratio of the two nearest rates) trains to
+    # the first rung's fraction and joins the ranking; up to ``extend`` times per variant, each at
+    # the cost of that fraction (eta 2, 3 points: +0.25 budgets). On validation only, like the rest.
+    # Off by default: a shipped default grid's cost stays what search_space.cost() says.
+    extend: int = Field(0, ge=0, le=8)
     variants: dict[str, Space] = {}
+
+
+def beyond_edge(lrs: list[float], lr: float) -> float | None:
+    """The next rate past the grid's edge that ``lr`` sits on (None: ``lr`` is inside the grid)."""
+    lrs = sorted(set(lrs))
+    if len(lrs) < 2 or lr not in (lrs[0], lrs[-1]):
+        return None
+    a, b = (lrs[0], lrs[1]) if lr == lrs[0] else (lrs[-1], lrs[-2])
+    return float(f"{a * a / b:.3g}")
 
 
 def _short(x: float) -> str:

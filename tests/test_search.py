@@ -198,3 +198,46 @@ def test_rungs_rank_by_validation_loss_or_by_the_metric_with_loss_breaking_ties(
         search._rung(trials, 0, {"v": [(4, 0.25)]}, None, lines.append, metric=metric)
         assert [t.label for t in trials["v"]] == [best], metric
         assert f"ranked by {'accuracy' if metric == 'primary' else 'loss'}" in lines[-1]
+
+
+def test_edge_extension_adds_points_beyond_the_grid_on_validation(tiny_models, sentiment_dir, tmp_path, monkeypatch):
+    """search.extend: planted validation loss grows with lr, so each new best sits on the low edge and
+    one more point a grid step below joins rung 1, twice; a re-run trains nothing."""
+    from peftkit.trainer import Trainer
+
+    real = Trainer.evaluate
+    splits = []
+
+    def fake(self, model, ds):
+        m = real(self, model, ds)
+        splits.append((self.tc.lr, self.tc.stop_at))
+        m["loss"] = 1000 * self.tc.lr
+        return m
+
+    monkeypatch.setattr(Trainer, "evaluate", fake)
+    calls = []
+    monkeypatch.setattr(search, "_run_all", lambda runs, pool=None, echo=None: in_process(runs, record=calls))
+    f = write_compare(tmp_path, tiny_models, sentiment_dir, [1e-3, 3e-3], max_steps=4)
+    spec = yaml.safe_load(f.read_text())
+    spec["search"]["extend"] = 2
+    f.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    said = []
+    assert search.search(f, out, echo=said.append) == 0
+    st = json.loads((out / "search.json").read_text())["variants"]["lora"]
+    assert [t["label"] for t in st["trials"]] == ["lr1e-03", "lr3e-03", "lr3.33e-04", "lr1.11e-04"]
+    assert st["extended"] == ["lr3.33e-04", "lr1.11e-04"] and st["selected"] == "lr1.11e-04"
+    assert st["cost_budgets"] == pytest.approx(search.cost(2, 2) + 2 * 0.5)  # each extension: rung 1's half
+    assert [c[2] for c in calls] == [0.5, 0.5, 0.5, 0.5, None]  # 2 grid points, 2 extensions, the selected to 100%
+    assert sum("on the grid's edge" in s for s in said) == 2
+    # Only validation decided: the single test evaluation is of the selected rate, after the search.
+    assert splits[-1] == (1.11e-4, None) and all(stop == 0.5 for _, stop in splits[:-1])
+    calls.clear()
+    assert search.search(f, out, echo=lambda *_: None) == 0 and calls == []
+
+
+def test_beyond_edge():
+    assert search.beyond_edge([1e-3, 3e-3, 1e-2], 1e-3) == pytest.approx(3.33e-4)
+    assert search.beyond_edge([1e-3, 3e-3, 1e-2], 1e-2) == pytest.approx(3.33e-2)
+    assert search.beyond_edge([1e-3, 3e-3, 1e-2], 3e-3) is None
+    assert search.beyond_edge([1e-3], 1e-3) is None
