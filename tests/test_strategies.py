@@ -66,6 +66,16 @@ def test_adapter_on_smaller_reduction_counts(tiny_models, sentiment_dir):
     assert count_params(b.model)[0] == 2 * 2 * (2 * h * bn + bn + h) + (2 * h + 2) + (h * h + h)  # + pooler (head)
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_adapter_train_norms_adds_every_norm_by_type(tiny_models, sentiment_dir, kind):
+    off = build(_recipe(tiny_models[kind], sentiment_dir, {"name": "adapter", "bottleneck": 4}))
+    on = build(_recipe(tiny_models[kind], sentiment_dir, {"name": "adapter", "bottleneck": 4, "train_norms": True}))
+    norm_params = [p for m in on.model.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+                   for p in m.parameters(recurse=False)]
+    assert norm_params and all(p.requires_grad for p in norm_params)
+    assert count_params(on.model)[0] - count_params(off.model)[0] == sum(p.numel() for p in norm_params)
+
+
 @pytest.mark.parametrize("strategy", ["full", "freeze", "bitfit"])
 def test_base_training_strategies_refuse_a_quantized_backbone(tiny_models, sentiment_dir, strategy):
     with pytest.raises(RecipeError, match="cannot run on a quantized backbone"):

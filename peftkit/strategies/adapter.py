@@ -30,6 +30,8 @@ class AdapterConfig(StrategyConfig):
     bottleneck: int | None = Field(None, ge=1)
     reduction_factor: int = Field(16, ge=1)
     activation: Literal["relu", "gelu", "silu", "tanh"] = "gelu"
+    # Houlsby et al. (2019) also train the layer norms (2 x hidden size per norm; MiniLM: 9,984).
+    train_norms: bool = False
 
 
 class Bottleneck(nn.Module):
@@ -106,6 +108,9 @@ class Adapter(Strategy):
             setattr(parent, attr, Adapted(linear, adapter))
         for a in adapters(model):
             a.requires_grad_(True)
+        if c.train_norms:
+            for m in norms(model):
+                m.requires_grad_(True)
         unfreeze(model, head)
         return model
 
@@ -116,3 +121,9 @@ class Adapter(Strategy):
 
 def adapters(model: nn.Module) -> list[Bottleneck]:
     return [m for m in model.modules() if isinstance(m, Bottleneck)]
+
+
+def norms(model: nn.Module) -> list[nn.Module]:
+    """LayerNorm / RMSNorm modules, by type (transformers' Llama-style RMSNorms are their own classes)."""
+    kinds = tuple(k for k in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if k is not None)
+    return [m for m in model.modules() if isinstance(m, kinds) or type(m).__name__.endswith("RMSNorm")]
