@@ -90,7 +90,7 @@ def same_result(a: Path, b: Path) -> list[str]:
 
 def damaged_files(run: Path) -> list[str]:
     """Checkpoints failing their manifest, temp files left behind, missing outputs."""
-    from peftkit import checkpoint
+    from peftkit.training import checkpoint
 
     bad = [f"{p}: {why}" for p in checkpoint.step_dirs(run / "checkpoints") if (why := checkpoint.verify(p))]
     bad += [str(p) for p in run.rglob("*") if p.name.startswith((".tmp", ".old"))]

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 import gpu_checks as G  # noqa: E402
 from gpu_check_table import markdown  # noqa: E402
-from peftkit import flops, recipe as R, strategies, tasks  # noqa: E402
+from peftkit.step import flops
+from peftkit import recipe as R, strategies, tasks  # noqa: E402
 
 SCHEMA = "peftkit.gpu_check/1"
 

@@ -92,7 +92,7 @@ def speed(r: dict) -> list[str]:
         rows.append(f"{model(b['model'])} | {b['strategy']} | {b['attn']} | {b.get('task', 'classification')}, {batches} | "
                     f"{measured(b)} | {num(tflops, '.2f')} | {share(b.get('mfu'))} | {b.get('error', '')}")
     return table("Speed and memory",
-                 "MFU = model FLOPs/s (peftkit.flops, result.json `speed.model_flops_per_s`: matmuls on real "
+                 "MFU = model FLOPs/s (peftkit.step.flops, result.json `speed.model_flops_per_s`: matmuls on real "
                  "(non-padding) tokens, backward only where gradients flow, plus attention) over the measured "
                  "matmul peak. Tokens are real (non-padding) tokens. Run peak: the whole run's CUDA "
                  "max_memory_allocated (CPU: RSS growth); step peak: one step after warm-up (CUDA: "

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from peftkit import flops, recipe as R
-from peftkit.trainer import Trainer
+from peftkit.step import flops
+from peftkit import recipe as R
+from peftkit.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = 16  # compiled-vs-eager rows: train.pad_to_multiple_of, the trainer's default when compile is on
@@ -64,7 +65,7 @@ def _estimate(mem: dict) -> dict:
 
 def run(rd: dict, peak: float | None) -> dict:
     """Train + evaluate one recipe in this process; the numbers the tables need."""
-    from peftkit.build import build
+    from peftkit.model.build import build
 
     from accelerate.state import AcceleratorState
 
@@ -80,7 +81,7 @@ def run(rd: dict, peak: float | None) -> dict:
         log = [json.loads(x) for x in (Path(d) / "log.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in log if "loss" in x]
     sp, mem = res["speed"], res["memory"]
-    fps = sp.get("model_flops_per_s")  # peftkit.flops, counted live by the trainer (not when compiled)
+    fps = sp.get("model_flops_per_s")  # peftkit.step.flops, counted live by the trainer (not when compiled)
     est, times, median = _estimate(mem), trainer.step_times, sp["step_time_median_s"]
     out = {
         "ok": bool(losses) and all(math.isfinite(x) for x in losses) and res["metrics"]["eval"]["examples"] > 0,
@@ -181,7 +182,7 @@ def parallel_check(a, work: Path) -> dict:
     """Two compare runs at once through the local executor; each on its own GPU when there are two."""
     import yaml
 
-    from peftkit import compare
+    from peftkit.runs import compare
 
     work.mkdir(parents=True, exist_ok=True)
     f = work / "compare.yaml"

@@ -37,8 +37,8 @@ STRATEGIES = ["full", "freeze", "lora", "qlora", "adapter", "prefix", "ia3", "bi
 
 def measure(built, batch: int, seq: int) -> dict:
     """Live peak of one real step after a warm-up step, as the trainer measures it."""
-    from peftkit import memory
-    from peftkit.optim import make_optimizer
+    from peftkit.step import memory
+    from peftkit.step.optim import make_optimizer
 
     model, tc = built.model, built.recipe.train
     model.train()
@@ -62,9 +62,9 @@ def measure(built, batch: int, seq: int) -> dict:
 
 def cpu_rows() -> list[dict]:
     from peftkit import recipe as R
-    from peftkit.build import build
+    from peftkit.model.build import build
     from peftkit.errors import UserError
-    from peftkit.estimate import estimate
+    from peftkit.estimate.trace import estimate
 
     rows = []
     for model, (path, shapes) in CPU_MODELS.items():
@@ -88,9 +88,9 @@ def cpu_rows() -> list[dict]:
 
 
 def gpu_rows() -> list[dict]:
-    from peftkit import catalog
+    from peftkit.estimate import catalog
     from peftkit import recipe as R
-    from peftkit.estimate import estimate
+    from peftkit.estimate.trace import estimate
     from torchtune_rows import GB, GIB, ROWS
 
     rows = []

@@ -3,7 +3,7 @@
 The peak is the best ``torch.matmul`` FLOP/s on large squares (bf16 and fp32, best of several)
 on the same machine, in a fresh process with the same threading settings as training. Each
 strategy in the registry trains builtin MiniLM on an SST-2 subset in its own process; model
-FLOPs are counted live per training call (``peftkit.flops.FlopCounter``, the counter behind
+FLOPs are counted live per training call (``peftkit.step.flops.FlopCounter``, the counter behind
 result.json: real tokens, backward only where gradients flow, plus attention) and divided
 by the time of the timed steps (``common.StepClock``, data loading included). MFU = achieved
 / peak of the autocast dtype.
@@ -29,7 +29,7 @@ import common  # noqa: E402
 
 def matmul_peak(dtype, sizes, repeats: int) -> dict:
     """Best single ``torch.matmul`` FLOP/s over squares of these sizes (best of ``repeats`` each)."""
-    from peftkit.flops import matmul_peak_flops
+    from peftkit.step.flops import matmul_peak_flops
 
     per = {n: max(matmul_peak_flops("cpu", dtype, n, iters=1, warmup=int(r == 0)) for r in range(repeats))
            for n in sizes}
@@ -56,7 +56,7 @@ def worker_shapes(spec: dict) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from peftkit.backbone import resolve
+    from peftkit.model.backbone import resolve
 
     cfg = AutoConfig.from_pretrained(resolve(spec["model"]))
     h, i, rows = cfg.hidden_size, cfg.intermediate_size, spec["rows"]
@@ -84,9 +84,9 @@ def _timed(fn, iters: int) -> float:
 def worker_train(spec: dict) -> dict:
 
     from peftkit import recipe as R
-    from peftkit.build import build
-    from peftkit.flops import FlopCounter
-    from peftkit.trainer import Trainer
+    from peftkit.model.build import build
+    from peftkit.step.flops import FlopCounter
+    from peftkit.training.trainer import Trainer
 
     rec = R.from_dict({
         "name": "mfu",
@@ -173,7 +173,7 @@ def markdown(data: dict, env: dict) -> str:
              f"{a['repeats']}): " + "; ".join(f"{p} {v['flops_per_s'] / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + ".",
              "", f"Training: builtin MiniLM, SST-2 subset of {a['n_train']} sentences, batch {a['batch']}, max length "
              f"{a['max_length']}, dynamic padding + length-grouped batches, {a['steps']} steps ({a['warmup']} warm-up "
-             "excluded), model FLOPs counted per call by `peftkit.flops` (real tokens, backward where gradients flow, + "
+             "excluded), model FLOPs counted per call by `peftkit.step.flops` (real tokens, backward where gradients flow, + "
              "attention). "
              "Median over repetitions."]
     for p, v in (data.get("shapes") or {}).items():

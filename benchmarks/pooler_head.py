@@ -50,8 +50,8 @@ class MeanPool:
 
 def worker(spec: dict) -> dict:
     from peftkit import recipe as R
-    from peftkit.build import build
-    from peftkit.trainer import Trainer
+    from peftkit.model.build import build
+    from peftkit.training.trainer import Trainer
 
     rec = R.from_dict({
         "model": {"name": "builtin:minilm", "compute_dtype": "fp32"},

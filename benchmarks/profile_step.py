@@ -37,8 +37,8 @@ def run(args) -> dict:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from peftkit import recipe as R
-    from peftkit.build import build
-    from peftkit.trainer import Trainer
+    from peftkit.model.build import build
+    from peftkit.training.trainer import Trainer
 
     rec = R.from_dict({
         "name": "profile", "model": {"name": args.model, "frozen_dtype": args.frozen_dtype},

@@ -50,15 +50,15 @@ def patch(name: str | None) -> None:
             return {k: ds[k] for k in dict.fromkeys(names)}
         data.columns = base.columns = classification.columns = lazy
     elif name == "no_flops":
-        from peftkit import trainer
+        from peftkit.training import trainer
 
         trainer._flop_counter = lambda model: None
     elif name == "no_probe":
-        from peftkit import memory
+        from peftkit.step import memory
 
         memory.StepPeak.around = lambda self, *a, **k: contextlib.nullcontext()
     elif name == "no_estimate":
-        from peftkit.trainer import Trainer
+        from peftkit.training.trainer import Trainer
 
         Trainer._estimate_safe = lambda self, **kw: {"error": "skipped (speed ablation)"}
 

@@ -19,7 +19,7 @@ issue-18 case, identical settings::
 Every run is a fresh subprocess; tools alternate within each repetition. Throughput is
 timed identically for both (``common.StepClock``: optimizer-step timestamps, real tokens
 from the attention mask); memory is the peak RSS above the RSS just before training starts
-(``peftkit.measure.PeakRSS``, same sampler for both).
+(``peftkit.step.measure.PeakRSS``, same sampler for both).
 
     python benchmarks/vs_hf_trainer.py                  # full run, writes benchmarks/results/
     python benchmarks/vs_hf_trainer.py --smoke          # seconds, tiny model, nothing written
@@ -62,10 +62,10 @@ def _policy(spec: dict, tool: str) -> dict:
 
 
 def worker_peftkit(spec: dict) -> dict:
-    from peftkit import measure
+    from peftkit.step import measure
     from peftkit import recipe as R
-    from peftkit.build import build
-    from peftkit.trainer import Trainer
+    from peftkit.model.build import build
+    from peftkit.training.trainer import Trainer
 
     pol = _policy(spec, "peftkit")
     strategy = {"name": spec["strategy"]}
@@ -115,8 +115,8 @@ def worker_hf(spec: dict) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments, default_data_collator, set_seed)
 
-    from peftkit import measure
-    from peftkit.backbone import resolve
+    from peftkit.step import measure
+    from peftkit.model.backbone import resolve
 
     pol = _policy(spec, "hf")
     path = resolve(spec["model"])

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import recipe as R
+from peftkit import recipe as R
 
 Recipe = R.Recipe
 
@@ -30,7 +30,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: dict[str, Any] | 
 
     ``overrides``: ``{"train.lr": 3e-4}`` or CLI-style ``["train.lr=3e-4"]``.
     """
-    from .compare import _overrides
+    from peftkit.runs.compare import _overrides
 
     ovr = _overrides(overrides) if isinstance(overrides, dict) else list(overrides or [])
     if isinstance(source, Recipe):
@@ -42,8 +42,8 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: dict[str, Any] | 
 
 def fit(recipe: Recipe, out: str | Path, resume: bool = True) -> dict:
     """Train into ``out`` without checking it first (see :func:`train`); returns result.json."""
-    from .build import build
-    from .trainer import Trainer
+    from peftkit.model.build import build
+    from peftkit.training.trainer import Trainer
 
     return Trainer(build(recipe), out, resume=resume).fit()
 
@@ -55,7 +55,7 @@ def train(recipe: str | Path | dict | Recipe, out: str | Path | None = None, *, 
     A run dir with checkpoints of this recipe resumes (``resume=False``: start over); one
     holding other files needs ``force=True``. Returns the run's ``result.json`` as a dict.
     """
-    from .rundir import check_run_dir
+    from peftkit.training.rundir import check_run_dir
 
     r = load_recipe(recipe)
     out = Path(out or r.run_dir())
@@ -71,11 +71,11 @@ def compare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
     ``progress``: live per-run lines (default: when the terminal is a TTY). Returns
     ``report.json`` as a dict (``failed`` lists the runs that did not finish). ``executor``: where
     the runs execute, over the recipe's ``executor:`` section, e.g. ``{"name": "local", "parallel": 2}``
-    (``slurm`` through submitit, ``ray``; see peftkit.executors).
+    (``slurm`` through submitit, ``ray``; see peftkit.runs.executors).
     """
-    from . import compare as C
-    from . import tracking
-    from .progress import CompareProgress
+    from peftkit.runs import compare as C
+    from peftkit.training import tracking
+    from peftkit.training.progress import CompareProgress
 
     runs = C.plan(path, out, overrides)
     out = Path(out)
@@ -86,7 +86,7 @@ def compare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
             CompareProgress(out, [r.dir for r in runs], enabled=progress) as live:
         shown = live.echo if live.enabled else echo
         if C.load(path).search is not None:  # each variant at its best setting, chosen on validation
-            from .search import search
+            from peftkit.runs.search import search
 
             search(path, out, overrides, timeout=timeout, echo=shown, executor=executor,
                    progress=live if live.enabled else None)
@@ -100,11 +100,11 @@ def report(path: str | Path, *, screenshot: str | Path | None = None, echo=print
 
     ``screenshot``: also save a PNG of report.html as headless chromium renders it.
     """
-    from .report import report as _report
+    from peftkit.report.summary import report as _report
 
     data = _report(path, echo=echo)
     if screenshot:
-        from .report_html import screenshot as shoot
+        from peftkit.report.html import screenshot as shoot
 
         shoot(Path(path) / "report.html", Path(screenshot))
         echo(f"screenshot: {screenshot}")
@@ -114,7 +114,7 @@ def report(path: str | Path, *, screenshot: str | Path | None = None, echo=print
 def estimate(recipe: str | Path | dict | Recipe, *, batch_size: int | None = None, seq_len: int | None = None,
              device: str | None = None) -> dict:
     """Training memory per component before any weight loads (what ``peftkit estimate --json`` prints)."""
-    from .estimate import estimate as _estimate
+    from peftkit.estimate.trace import estimate as _estimate
 
     return _estimate(load_recipe(recipe), batch_size=batch_size, seq_len=seq_len, device=device)
 
@@ -128,8 +128,8 @@ def export(run_dir: str | Path, out: str | Path, *, verify: bool = False, dtype:
     also ``out/verify.json``). ``push_to_hub``: upload ``out`` to that Hub repo afterwards.
     Returns the export summary (``export.json`` plus ``out``, ``bytes``, ``files``).
     """
-    from . import export as E
-    from .errors import UserError
+    from peftkit.export import merge as E
+    from peftkit.errors import UserError
 
     out = Path(out)
     if verify_examples < 1:
@@ -138,7 +138,7 @@ def export(run_dir: str | Path, out: str | Path, *, verify: bool = False, dtype:
     E.check_out_dir(out, force)
     s = E.export(run_dir, out, dtype=dtype, verify=verify, adapter_only=adapter_only, verify_examples=verify_examples)
     if push_to_hub:
-        from .model_card import push
+        from peftkit.export.model_card import push
 
         s["hub"] = push(out, push_to_hub, private=private)
     return s
@@ -146,6 +146,6 @@ def export(run_dir: str | Path, out: str | Path, *, verify: bool = False, dtype:
 
 def predict(path: str | Path, inputs: list, *, batch_size: int = 32, max_new_tokens: int | None = None) -> list[dict]:
     """Predictions of an exported model or a run dir, one dict per input (label/score, tags or text)."""
-    from .predict import Predictor
+    from peftkit.export.predict import Predictor
 
     return Predictor.load(path).predict(list(inputs), batch_size=batch_size, max_new_tokens=max_new_tokens)

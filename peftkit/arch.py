@@ -20,7 +20,7 @@ from typing import Literal
 
 from torch import nn
 
-from .errors import UserError
+from peftkit.errors import UserError
 
 Kind = Literal["encoder", "decoder", "seq2seq"]
 # Attribute on a self-attention module holding its prefix (peftkit.strategies.prefix).

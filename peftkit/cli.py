@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
+from peftkit.errors import UserError
 
 
 def _quiet():
@@ -28,9 +28,9 @@ def _quiet():
 
 
 def cmd_validate(args) -> int:
-    from . import recipe as R
+    from peftkit import recipe as R
 
-    from . import compare
+    from peftkit.runs import compare
 
     failed = 0
     for f in args.recipes:
@@ -39,7 +39,7 @@ def cmd_validate(args) -> int:
             if "variants" in data:  # a compare recipe: every variant × seed is validated
                 runs = compare.plan(f, "/nonexistent", args.set)
                 if data.get("search") is not None:  # every grid point's recipe too
-                    from .search import plan as search_plan
+                    from peftkit.runs.search import plan as search_plan
 
                     search_plan(f, Path("/nonexistent"), args.set)
                 print(f"ok   {f}  (compare: {len(runs)} runs)")
@@ -59,9 +59,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import recipe as R
+    from peftkit import recipe as R
 
-    from . import distributed as dist
+    from peftkit.step import distributed as dist
 
     r = R.load(args.recipe, args.overrides)
     if (args.print_config or args.dry_run) and dist.env_rank() == 0:
@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out or r.run_dir())
-    from .rundir import check_run_dir
+    from peftkit.training.rundir import check_run_dir
 
     # Resuming is automatic: a run dir with checkpoints of this recipe continues where it stopped.
     # Rank 0 decides (other ranks would find its files); the trainer shares its choice.
@@ -80,7 +80,7 @@ def cmd_train(args) -> int:
         return _relaunch(args, out)
     if dist.env_rank() != 0:
         dist.quiet_rank()
-    from . import api
+    from peftkit import api
 
     res = api.fit(r, out, resume=mode == "resume")
     if dist.env_rank() != 0:
@@ -95,7 +95,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import api
+    from peftkit import api
 
     out = Path(args.out)
     s = api.export(args.run_dir, out, dtype=args.dtype, verify=args.verify, adapter_only=args.adapter_only,
@@ -116,7 +116,7 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     import json
 
-    from .predict import Predictor
+    from peftkit.export.predict import Predictor
 
     texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
     inputs = texts
@@ -142,7 +142,7 @@ def _relaunch(args, out: Path) -> int:
     """Run this train command in ``--nproc`` processes under torchrun / accelerate launch."""
     import subprocess
 
-    from . import distributed as dist
+    from peftkit.step import distributed as dist
 
     argv = ["train", args.recipe, *args.overrides, "--out", str(out)]
     argv += ["--force"] if args.force else []
@@ -153,19 +153,20 @@ def _relaunch(args, out: Path) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from . import plan
-    from . import recipe as R
-    from . import api
-    from .estimate import render
+    from peftkit import recipe as R
+    from peftkit.estimate.fit import parse_bytes
+    from peftkit.runs import fit_table
+    from peftkit import api
+    from peftkit.estimate.trace import render
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is None or ("=" in recipe and not Path(recipe).exists()):  # only overrides: the default recipe
         overrides = ([recipe] if recipe else []) + overrides
-        recipe = str(Path(__file__).parent / "catalog" / "default.yaml")
-    if args.fit or plan.is_compare(recipe):
-        budget = plan.parse_bytes(args.fit) if args.fit else None
-        rows = plan.table(recipe, overrides, budget, args.device, args.batch_size, args.seq_len)
-        print(json.dumps(rows, indent=2)) if args.json else plan.render(rows, budget, args.device)
+        recipe = str(Path(__file__).parent / "estimate" / "catalog" / "default.yaml")
+    if args.fit or fit_table.is_compare(recipe):
+        budget = parse_bytes(args.fit) if args.fit else None
+        rows = fit_table.table(recipe, overrides, budget, args.device, args.batch_size, args.seq_len)
+        print(json.dumps(rows, indent=2)) if args.json else fit_table.render(rows, budget, args.device)
         return 0
     r = R.load(recipe, overrides)
     est = api.estimate(r, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
@@ -177,7 +178,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from . import api
+    from peftkit import api
 
     flags = {k: getattr(args, k) for k in ("parallel", "partition", "gpus_per_run", "cpus_per_run", "address",
                                            "launcher", "nproc", "accelerate_config")}
@@ -187,7 +188,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from . import api
+    from peftkit import api
 
     api.report(args.dir, screenshot=args.screenshot)
     return 0
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("estimate", help="predict a training step's peak memory, before loading any weight")
-    e.add_argument("recipe", nargs="?", help="recipe or compare recipe (default: peftkit/catalog/default.yaml)")
+    e.add_argument("recipe", nargs="?", help="recipe or compare recipe (default: peftkit/estimate/catalog/default.yaml)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.name=qlora")
     e.add_argument("--batch-size", type=int, help="default: train.batch_size")
     e.add_argument("--seq-len", type=int, help="default: task.max_length (every batch padded to it: an upper bound)")

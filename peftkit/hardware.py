@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from peftkit.errors import UserError
 
 # bf16 slower than this fraction of fp32 on a CPU whose flags say "native": the kernels are
 # not using the bf16 units (e.g. ONEDNN_MAX_CPU_ISA=AVX2): fp32 is the faster choice.

@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from peftkit.errors import UserError
 
 
 class WriteError(UserError):

@@ -14,7 +14,7 @@ def warn(msg: str) -> None:
 class RunLog:
     """``RUN_DIR/log.jsonl``, one JSON record per line, mirrored to a tracker (main process only).
 
-    ``tracker`` (peftkit.tracking.Tracking) gets every record: the one plug point for
+    ``tracker`` (peftkit.training.tracking.Tracking) gets every record: the one plug point for
     experiment trackers.
     """
 

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from . import strategies, tasks
-from .config import Section
-from .errors import RecipeError
+from peftkit import strategies, tasks
+from peftkit.config import Section
+from peftkit.errors import RecipeError
 
 
 class ModelConfig(Section):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 # CI has the data beside the checkout; a git worktree under <project>/wt/<name> finds it two levels up.
 SHARED_DATA = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data") if p.is_dir()),
@@ -145,3 +146,115 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+# -- shared builders (task recipes, fits, in-process search runs) --------------------------
+
+def in_process(runs: list, pool=None, echo=None, record=None):
+    """search._run_all, here: a trial batch through peftkit.runs.trial_batch.main, a run through cli.main."""
+    from peftkit import cli
+    from peftkit.io import atomic_write_text
+    from peftkit.recipe import dump_yaml
+    from peftkit.runs import trial_batch
+
+    errs = []
+    for r in runs:
+        if isinstance(r, trial_batch.TrialBatch):
+            if record is not None:
+                record += [(t.variant, t.dir.relative_to(t.dir.parents[2]).as_posix(), t.recipe.train.stop_at)
+                           for t in r.runs]
+            r.dir.mkdir(parents=True, exist_ok=True)
+            rc = trial_batch.main([r.command()[-1]])
+            errs.append(None if rc == 0 and r.done() else {"message": f"exit {rc}"})
+            continue
+        r.dir.mkdir(parents=True, exist_ok=True)
+        (r.dir / "result.json").unlink(missing_ok=True)
+        f = r.dir.parent / f"seed{r.seed}.yaml"
+        atomic_write_text(f, dump_yaml(r.recipe))
+        if record is not None:
+            record.append((r.variant, r.dir.relative_to(r.dir.parents[2]).as_posix(), r.recipe.train.stop_at))
+        rc = cli.main(["train", str(f), "--out", str(r.dir), "--force"])
+        errs.append(None if rc == 0 and r.done() else {"message": f"exit {rc}"})
+    return errs
+
+
+NER_PEOPLE = ["alice", "bob", "carol", "dave", "erin"]
+NER_PLACES = ["paris", "london", "tokyo", "berlin"]
+NER_FILL = ["i", "met", "in", "today", "with", "went", "to", "the", "and"]
+
+
+def ner_rows(n, seed):
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        toks, tags = [], []
+        for _ in range(rng.randint(3, 8)):
+            r = rng.random()
+            if r < 0.2:
+                toks += [rng.choice(NER_PEOPLE).title(), "Zorblaxqui"]  # two words, the second split into sub-words
+                tags += ["B-person", "I-person"]
+            elif r < 0.35:
+                toks.append(rng.choice(NER_PLACES).title())
+                tags.append("B-location")
+            else:
+                toks.append(rng.choice(NER_FILL))
+                tags.append("O")
+        rows.append({"tokens": toks, "tags": tags})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def ner_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ner")
+    for split, n, seed in (("train", 64, 0), ("validation", 16, 1), ("test", 16, 2)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ner_rows(n, seed)))
+    return d
+
+
+def ner_recipe(model_dir, data_dir, strategy="lora", files=("train.jsonl", "validation.jsonl", "test.jsonl"), **task):
+    return {
+        "model": {"name": str(model_dir)},
+        "task": {"kind": "token_classification", "max_length": 32,
+                 "data": {"dir": str(data_dir), **dict(zip(("train", "validation", "test"), files))}, **task},
+        "strategy": {"name": strategy},
+        "train": {"max_steps": 4, "batch_size": 16, "lr": 1e-3, "progress": False, "precision": "fp32"},
+    }
+
+
+@pytest.fixture(scope="module")
+def instr_dir(tmp_path_factory):
+    """JSONL rows: a review -> its label; the references are a list (the first one trains)."""
+    d = tmp_path_factory.mktemp("instr")
+    for split, n, seed in (("train", 96, 0), ("validation", 16, 1), ("test", 16, 2)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for r in sentiment_rows(n, seed):
+                f.write(json.dumps({"review": r["text"].split(), "answer": [r["label"], f"it is {r['label']}"]}) + "\n")
+    return d
+
+
+def gen_recipe(model_dir, data_dir, kind="causal_lm", strategy="lora", metric="accuracy", task=None, **train):
+    return {
+        "model": {"name": str(model_dir)},
+        "task": {"kind": kind, "prompt": "review: {review} sentiment:", "response_column": "answer",
+                 "metric": metric, "max_length": 40, "max_target_length": 8, "max_new_tokens": 3,
+                 "data": {"dir": str(data_dir), "train": "train.jsonl", "validation": "validation.jsonl",
+                          "test": "test.jsonl"}, **(task or {})},
+        "strategy": {"name": strategy},
+        "train": {"max_steps": 30, "batch_size": 16, "lr": 3e-3, "progress": False, "precision": "fp32",
+                  "log_every": 5, **train},
+    }
+
+
+def built(rec):
+    from peftkit import recipe as R
+    from peftkit.model.build import build
+
+    return build(R.from_dict(rec))
+
+
+def fit(rec, out):
+    from peftkit.training.trainer import Trainer
+
+    return Trainer(built(rec), out).fit()

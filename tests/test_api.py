@@ -11,7 +11,7 @@ import peftkit
 from peftkit import api as pk
 from conftest import tiny_recipe
 from peftkit.errors import RecipeError, UserError
-from peftkit.progress import CompareProgress, line, overall_eta, read_run
+from peftkit.training.progress import CompareProgress, line, overall_eta, read_run
 
 
 def test_every_call(tiny_models, sentiment_dir, tmp_path):
@@ -64,7 +64,7 @@ def test_every_call(tiny_models, sentiment_dir, tmp_path):
 
 def test_push_to_hub_operations(tmp_path):
     """No network here: only the commit operations push() would send are built and checked."""
-    from peftkit.model_card import commit_operations, hub_id
+    from peftkit.export.model_card import commit_operations, hub_id
 
     (tmp_path / "sub").mkdir()
     for name in ("config.json", "model.safetensors", "README.md", "sub/x.txt"):

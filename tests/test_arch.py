@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_recipe
 from peftkit import arch
-from peftkit.build import build
+from peftkit.model.build import build
 from peftkit.errors import UserError
 from peftkit.recipe import from_dict
 
@@ -49,7 +49,7 @@ def test_model_type_without_loading(tmp_path):
 def test_phi3_trains_with_every_table_driven_strategy(tiny_models, sentiment_dir, tmp_path):
     """The Phi-3 entry alone gives LoRA its fused targets, IA3 and adapters their roles,
     freeze its block list, prefix its attention class, and the FLOP counter its q/k/v."""
-    from peftkit.trainer import Trainer
+    from peftkit.training.trainer import Trainer
 
     for name in ("lora", "ia3", "adapter", "prefix", "freeze"):
         b = build(from_dict(tiny_recipe(tiny_models["phi3"], sentiment_dir, name, max_steps=2)))
@@ -68,7 +68,7 @@ def test_lora_targets_matching_nothing_is_a_user_error(tiny_models, sentiment_di
 @pytest.mark.parametrize("task,model,found", [("causal_lm", "bert", "an encoder"), ("seq2seq", "llama", "a decoder"),
                                               ("causal_lm", "t5", "a seq2seq")])
 def test_generation_task_refuses_the_wrong_kind_of_model(task, model, found, tiny_models, tmp_path):
-    from test_tasks_generation import gen_recipe
+    from conftest import gen_recipe
 
     from peftkit.errors import RecipeError
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, run_cli
 from peftkit import recipe as R
-from peftkit.build import build
+from peftkit.model.build import build
 from peftkit.strategies import count_params
 
 
@@ -100,7 +100,7 @@ def test_quantized_head_stays_out_of_4bit(tiny_models, sentiment_dir):
 def test_length_grouped_batches_longest_first_and_a_permutation():
     import random
 
-    from peftkit.trainer import length_grouped_batches
+    from peftkit.training.trainer import length_grouped_batches
 
     rng = random.Random(1)
     lengths = [rng.randint(1, 200) for _ in range(1000)]

@@ -120,7 +120,7 @@ def _compare(tmp_path, variants: str):
 
 
 def test_compare_pins_one_precision_for_every_variant(cpu, tmp_path):
-    from peftkit import compare
+    from peftkit.runs import compare
 
     cpu("AVX2", {"avx2"}, SLOW)
     path = _compare(tmp_path, "  - {name: a, set: {strategy.name: lora}}\n  - {name: b, set: {strategy.name: full}}\n")
@@ -135,7 +135,7 @@ def test_compare_pins_one_precision_for_every_variant(cpu, tmp_path):
 
 
 def test_report_says_which_precision(tmp_path):
-    from peftkit.report import precision_used
+    from peftkit.report.summary import precision_used
 
     rec = {"requested": "auto", "resolved": "fp32", "reason": "CPU kernels at AVX2", "device": "cpu", "probe": None}
     rows = [{"variant": "a", "precision": {**rec, "requested": "fp32", "reason": "as requested"}},

@@ -1,14 +1,14 @@
 """Strategy registry: adding a strategy is one module and one line here."""
 
-from .base import Strategy, StrategyConfig, cast_frozen, count_params
-from .adapter import Adapter
-from .bitfit import BitFit
-from .freeze import Freeze
-from .full import Full
-from .ia3 import IA3
-from .lora import Lora
-from .prefix import Prefix
-from .qlora import QLora
+from peftkit.strategies.base import Strategy, StrategyConfig, cast_frozen, count_params
+from peftkit.strategies.adapter import Adapter
+from peftkit.strategies.bitfit import BitFit
+from peftkit.strategies.freeze import Freeze
+from peftkit.strategies.full import Full
+from peftkit.strategies.ia3 import IA3
+from peftkit.strategies.lora import Lora
+from peftkit.strategies.prefix import Prefix
+from peftkit.strategies.qlora import QLora
 
 REGISTRY: dict[str, type[Strategy]] = {
     "full": Full,

@@ -15,9 +15,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import arch
-from ..errors import UserError
-from .base import Strategy, StrategyConfig, freeze_all, unfreeze
+from peftkit import arch
+from peftkit.errors import UserError
+from peftkit.strategies.base import Strategy, StrategyConfig, freeze_all, unfreeze
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

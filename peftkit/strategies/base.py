@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..config import Section
+from peftkit.config import Section
 
 
 class StrategyConfig(Section):

@@ -9,8 +9,8 @@ from typing import Literal
 
 from torch import nn
 
-from ..errors import UserError
-from .base import Strategy, StrategyConfig, freeze_all, unfreeze
+from peftkit.errors import UserError
+from peftkit.strategies.base import Strategy, StrategyConfig, freeze_all, unfreeze
 
 
 class BitFitConfig(StrategyConfig):

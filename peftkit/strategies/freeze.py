@@ -2,9 +2,9 @@
 
 from typing import Literal
 
-from ..arch import find_blocks
-from ..errors import UserError
-from .base import Strategy, StrategyConfig, freeze_all, unfreeze
+from peftkit.arch import find_blocks
+from peftkit.errors import UserError
+from peftkit.strategies.base import Strategy, StrategyConfig, freeze_all, unfreeze
 
 
 class FreezeConfig(StrategyConfig):

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from .base import Strategy, StrategyConfig
+from peftkit.strategies.base import Strategy, StrategyConfig
 
 
 class FullConfig(StrategyConfig):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .. import arch
-from ..errors import UserError
-from .base import StrategyConfig
-from .peft_backed import PeftStrategy
+from peftkit import arch
+from peftkit.errors import UserError
+from peftkit.strategies.base import StrategyConfig
+from peftkit.strategies.peft_backed import PeftStrategy
 
 
 class IA3Config(StrategyConfig):

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from .. import arch
-from .base import StrategyConfig
-from .peft_backed import PeftStrategy
+from peftkit import arch
+from peftkit.strategies.base import StrategyConfig
+from peftkit.strategies.peft_backed import PeftStrategy
 
 
 def default_targets(model_type: str) -> list[str] | str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UserError
-from .base import Strategy
+from peftkit.errors import UserError
+from peftkit.strategies.base import Strategy
 
 
 def _tuner_layer() -> type:

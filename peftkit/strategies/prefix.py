@@ -23,9 +23,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import arch
-from ..errors import UserError
-from .base import Strategy, StrategyConfig, freeze_all, unfreeze
+from peftkit import arch
+from peftkit.errors import UserError
+from peftkit.strategies.base import Strategy, StrategyConfig, freeze_all, unfreeze
 
 IMPL = {"sdpa": "peftkit_prefix_sdpa", "eager": "peftkit_prefix_eager"}
 

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from .lora import Lora, LoraConfig
+from peftkit.strategies.lora import Lora, LoraConfig
 
 
 class QLoraConfig(LoraConfig):

@@ -1,10 +1,10 @@
 """Task registry: one module per task kind, one line here."""
 
-from .base import DataConfig, Task, TaskConfig
-from .causal_lm import CausalLM
-from .classification import Classification
-from .seq2seq import Seq2Seq
-from .token_classification import TokenClassification
+from peftkit.tasks.base import DataConfig, Task, TaskConfig
+from peftkit.tasks.causal_lm import CausalLM
+from peftkit.tasks.classification import Classification
+from peftkit.tasks.seq2seq import Seq2Seq
+from peftkit.tasks.token_classification import TokenClassification
 
 REGISTRY: dict[str, type[Task]] = {
     "classification": Classification,

@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from ..config import Section
-from ..errors import DataError
-from .data import BadRows, DataConfig, columns, load_splits
+from peftkit.config import Section
+from peftkit.errors import DataError
+from peftkit.tasks.data import BadRows, DataConfig, columns, load_splits
 
 
 class TaskConfig(Section):
@@ -103,7 +103,7 @@ class Task:
         raw = self.raw_splits()
         self.truncated = 0
         enc = {split: self.encode_split(split, ds) for split, ds in raw.items()}
-        if self.keep_encoded:  # peftkit.build.shared_data: the next build of this task reuses them
+        if self.keep_encoded:  # peftkit.model.build.shared_data: the next build of this task reuses them
             self._encoded = enc
         return enc
 
@@ -149,7 +149,7 @@ class Task:
         return None
 
     def predict(self, model, inputs: list, batch_size: int, max_length: int | None = None) -> list[dict]:
-        """One dict per input (see ``peftkit.predict``); ``max_length`` None = the tokenizer's limit."""
+        """One dict per input (see ``peftkit.export.predict``); ``max_length`` None = the tokenizer's limit."""
         raise NotImplementedError
 
     # -- what result.json records -----------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .generation import GenerationConfig, GenerationTask, example_nll, pad, unwrap
+from peftkit.tasks.generation import GenerationConfig, GenerationTask, example_nll, pad, unwrap
 
 KEEP_TAIL = 32
 
@@ -49,7 +49,7 @@ class CausalLM(GenerationTask):
 
     @classmethod
     def check(cls, recipe) -> list[str]:
-        from ..distributed import deepspeed_requested, fsdp_requested
+        from peftkit.step.distributed import deepspeed_requested, fsdp_requested
 
         problems = super().check(recipe)
         if recipe.task.loss_chunk_tokens and (fsdp_requested() or deepspeed_requested()):
@@ -60,7 +60,7 @@ class CausalLM(GenerationTask):
     def train_loss(self, model, batch: dict):
         if not self.cfg.loss_chunk_tokens:
             return model(**batch).loss
-        from ..chunked_loss import causal_lm_loss
+        from peftkit.step.chunked_loss import causal_lm_loss
 
         return causal_lm_loss(model, batch, self.cfg.loss_chunk_tokens)
 

@@ -7,10 +7,10 @@ from typing import Literal
 
 import torch
 
-from ..assets import locate
-from ..errors import DataError, UserError
-from .base import DataConfig, Task, TaskConfig, cell_text, to_device
-from .data import columns
+from peftkit.assets import locate
+from peftkit.errors import DataError, UserError
+from peftkit.tasks.base import DataConfig, Task, TaskConfig, cell_text, to_device
+from peftkit.tasks.data import columns
 
 BUILTIN_LABELS = {"builtin:rotten-tomatoes": ["rotten", "fresh"]}
 

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import Section
-from ..errors import DataError
+from peftkit.config import Section
+from peftkit.errors import DataError
 
 
 class DataConfig(Section):

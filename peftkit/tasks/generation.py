@@ -24,10 +24,10 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from .. import arch
-from ..errors import DataError, UserError
-from .base import Task, TaskConfig, cell_text, to_device
-from .data import columns
+from peftkit import arch
+from peftkit.errors import DataError, UserError
+from peftkit.tasks.base import Task, TaskConfig, cell_text, to_device
+from peftkit.tasks.data import columns
 
 PRIMARY = {"accuracy": "accuracy", "rouge": "rougeL", "bleu": "bleu"}
 
@@ -71,7 +71,7 @@ def references(v) -> list[str]:
 
 
 def builtin_rows(name: str):
-    from .classification import rotten_tomatoes
+    from peftkit.tasks.classification import rotten_tomatoes
 
     if name == "builtin:rotten-tomatoes":
         return rotten_tomatoes(name)

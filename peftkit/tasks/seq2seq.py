@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from .generation import GenerationConfig, GenerationTask, example_nll, pad, unwrap
+from peftkit.tasks.generation import GenerationConfig, GenerationTask, example_nll, pad, unwrap
 
 
 class Seq2SeqConfig(GenerationConfig):

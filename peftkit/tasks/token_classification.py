@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 
-from ..errors import DataError, UserError
-from .base import Task, TaskConfig, to_device
-from .data import columns
+from peftkit.errors import DataError, UserError
+from peftkit.tasks.base import Task, TaskConfig, to_device
+from peftkit.tasks.data import columns
 
 
 class TokenClassificationConfig(TaskConfig):
