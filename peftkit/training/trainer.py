@@ -12,7 +12,6 @@ import itertools
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,34 +27,8 @@ from peftkit.training import batches, result
 from peftkit.training.checkpoint import Checkpointer
 from peftkit.training.meters import Meters
 from peftkit.training.nonfinite import NonFiniteGuard
-from peftkit.training.state import TrainState
+from peftkit.training.state import Run, StepValues, read_values
 from peftkit.training.tracking import Tracking
-
-
-@dataclass
-class Run:
-    """Everything one ``fit`` works with, made by ``Trainer._setup``."""
-
-    data: dict
-    total: int  # optimizer steps of this run
-    stop: int  # where this process stops: ``total``, or earlier for a search rung
-    model: torch.nn.Module  # prepared (wrapped) model
-    opt: object
-    sched: object
-    ck: Checkpointer
-    guard: NonFiniteGuard
-    meters: Meters
-    params: tuple[int, int]  # (trainable, total), before FSDP/ZeRO shard them
-    frozen_cast: dict | None  # frozen weights stored in the autocast dtype (model.frozen_dtype), or None
-    state: TrainState = field(default_factory=TrainState)
-    resumed_from: int | None = None
-    times: dict = field(default_factory=dict)  # load_s, data_s, train_s, eval_s
-    t_start: float = 0.0  # before the data was read (wall_s counts from here, plus loading)
-
-    @property
-    def rung(self) -> bool:
-        """A search rung (train.stop_at): validation only, checkpointed where it stops."""
-        return self.stop < self.total
 
 
 class Trainer:
@@ -143,6 +116,7 @@ class Trainer:
             ck.restore(run.state)
             run.guard.skips, run.resumed_from = run.state.nonfinite_skips, resumed.step
             self.log(event="resumed", step=run.state.step, checkpoint=resumed.path.name)
+        run.state.before_save = lambda: self._read(run)  # a checkpoint holds every step's loss
         run.model.train()
         return run
 
@@ -169,11 +143,13 @@ class Trainer:
         ck.attach(model, b.strategy, opt, sched, self.log)
         guard = NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, acc.scaler, warn)
         return Run(data=data, total=total, stop=stop, model=model, opt=opt, sched=sched, ck=ck, guard=guard,
-                   meters=meters, params=params, frozen_cast=cast)
+                   meters=meters, params=params, frozen_cast=cast, on_device=guard.on_device(opt))
 
     def _train(self, run: Run, bar) -> None:
-        """Epochs of optimizer steps up to ``run.stop``; ``train_s`` is the whole of it."""
+        """Epochs of optimizer steps up to ``run.stop``. ``train_s``: all of it (every step, logs,
+        checkpoints) but the evaluations during training, which are ``train_eval_s``."""
         st, t0 = run.state, time.perf_counter()
+        run.times["train_eval_s"] = 0.0
         while st.step < run.stop:
             micro, sizes = self.plan.epoch(run.data["train"], st.epoch, st.position)
             for n in sizes:
@@ -186,14 +162,17 @@ class Trainer:
             if st.step == run.stop and run.rung and not (run.ck.root / f"step-{st.step:08d}").exists():
                 run.ck.save(st)  # before the epoch advances: the continuation resumes exactly here
             st.next_epoch()
-        run.times["train_s"] = time.perf_counter() - t0
+        self._read(run)  # and what the device still had queued is done
+        run.times["train_s"] = time.perf_counter() - t0 - run.times["train_eval_s"]
 
     def _step(self, run: Run, micro, n: int) -> None:
         """One optimizer step over the next ``n`` micro-batches (fetched one at a time, so
         accelerate's ``sync_gradients`` is true on the last: the end of the group or of the loader)."""
         st, acc, model = run.state, self.acc, run.model
         group_scale = self.tc.grad_accum / n  # the gradient is the group's mean, also for a short group
-        loss_sum, ok = 0.0, True
+        # Kept on the device (float64: the same sum the host made of float32 losses); read with the
+        # log, not per step: each read waits for the GPU, stalling the queue the host keeps ahead.
+        loss_sum, norm, ok = torch.zeros((), dtype=torch.float64, device=acc.device), None, None
         first = next(micro)
         with run.meters.around_step(st.step + 1, model, run.opt, first[0]):
             for i, (batch, w) in enumerate(itertools.chain([first], itertools.islice(micro, n - 1))):
@@ -202,41 +181,62 @@ class Trainer:
                         loss = self.b.task.train_loss(model, batch)
                     s = w * group_scale
                     acc.backward(loss if s == 1.0 else loss * s)
-                    loss_sum += loss.detach().float().item() * w
+                    loss_sum += loss.detach().float().double() * w
                     run.meters.count(batch)
                     if acc.sync_gradients != (i == n - 1):
                         raise RuntimeError(f"internal: accelerate syncs at micro-batch {i + 1} of {n}")
                     if acc.sync_gradients:
-                        ok = self._optimizer_step(run, loss_sum)
+                        norm, ok, inc = self._optimizer_step(run, loss_sum)
         st.step, st.position = st.step + 1, st.position + n
-        loss_sum = dist.reduce_sum(acc, [loss_sum])[0] / acc.num_processes
-        if ok:
-            st.losses.append(loss_sum / n)
-        else:
-            self.log(step=st.step, epoch=st.epoch, nonfinite_skipped=run.guard.skips)
-        st.nonfinite_skips = run.guard.skips
+        run.unread.append(StepValues(st.step, st.epoch, n, loss_sum, norm, ok, inc))
 
-    def _optimizer_step(self, run: Run, loss_sum: float) -> bool:
-        """Clip, check for NaN/Inf, step optimizer and scheduler; False if the step was skipped."""
-        tc, model = self.tc, run.model
+    def _optimizer_step(self, run: Run, loss_sum: torch.Tensor) -> tuple:
+        """Clip, check for NaN/Inf, step optimizer and scheduler: (gradient norm, whether the
+        step was taken: None when the device decided, scheduler increments)."""
+        tc, model, guard, sched = self.tc, run.model, run.guard, getattr(run.sched, "scheduler", run.sched)
         norm = self.acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
-        ok = run.guard.step_ok(loss_sum, norm, model, run.state.step + 1)
-        if ok:
+        if run.on_device:  # the optimizer skips a non-finite step itself; counted when read
+            norm, ok = guard.grad_norm(norm, model), None
+            guard.mask(run.opt, loss_sum, norm)
+        else:  # any other optimizer: a host read per step
+            ok = guard.step_ok(float(loss_sum), norm, model, run.state.step + 1)
+        before = sched.last_epoch
+        if ok is not False:
             run.opt.step()
             run.sched.step()
         run.opt.zero_grad(set_to_none=True)
-        return ok
+        return norm, ok, sched.last_epoch - before
+
+    def _read(self, run: Run) -> None:
+        """The steps since the last read, on the host at once: losses, skips, times, tokens."""
+        st, counted = run.state, run.meters.read()
+        for v in read_values(run.unread, self.acc):
+            if ok := run.guard.settle(v, run.sched):
+                st.losses.append(v["loss"])
+            else:
+                self.log(step=v["step"], epoch=v["epoch"], nonfinite_skipped=run.guard.skips)
+            if self.tc.log_step_values:
+                self.log(step=v["step"], step_loss=v["loss"], step_tokens=counted[v["step"]].tokens,
+                         grad_norm=v["grad_norm"], skipped=not ok)
+        run.unread.clear()
+        st.nonfinite_skips = run.guard.skips
 
     def _after_step(self, run: Run, bar) -> None:
         """Log, evaluate and checkpoint when due."""
-        st, tc = run.state, self.tc
-        if st.step % tc.log_every == 0 or st.step == run.total:
+        st, tc, every = run.state, self.tc, run.ck.every
+        log = st.step % tc.log_every == 0 or st.step == run.total
+        evaluate = tc.eval_every and st.step % tc.eval_every == 0 and st.step < run.total
+        if log or evaluate or (every and st.step % every == 0) or st.step == run.stop:
+            self._read(run)  # the only device syncs of the loop (a checkpoint on a signal reads too)
+        if log:
             window = st.losses[-tc.log_every:] or [float("nan")]
             self.log(step=st.step, epoch=st.epoch, loss=sum(window) / len(window), lr=run.sched.get_last_lr()[0],
+                     tokens=run.meters.tokens_since(st.step - tc.log_every),
                      **run.meters.live())  # for compare's live progress lines
-        bar.update(st.step, st.losses[-1] if st.losses else float("nan"), run.meters.timer)
-        if tc.eval_every and st.step % tc.eval_every == 0 and st.step < run.total:
+        bar.update(st.step, st.losses[-1] if st.losses else float("nan"), run.meters.timer)  # as of the last read
+        if evaluate:
             m, _ = self.evaluate(run.model, run.data["validation"])
+            run.times["train_eval_s"] += m["eval_s"]
             st.history.append({"step": st.step, **m})
             self.log(step=st.step, eval=m)
         run.ck.step_end(st)
