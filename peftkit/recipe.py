@@ -57,6 +57,10 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1)  # steps; None = only at the end
     eval_split: Literal["validation", "test"] = "test"  # split reported in metrics.eval
     log_every: int = Field(10, ge=1)
+    # also write every step's loss, real-token count and gradient norm to log.jsonl (records with
+    # step_loss / step_tokens / grad_norm); they are read from the device with the log_every
+    # records, so this adds no per-step device sync
+    log_step_values: bool = False
     num_workers: int = Field(0, ge=0)
     compile: bool = False
     # round each training batch's padded length up to a multiple (peftkit/bucket.py): fewer
