@@ -8,8 +8,8 @@ from conftest import tiny_recipe
 from peftkit import cli
 from peftkit.runs import search, trial_batch
 from peftkit import recipe as R
-from peftkit.runs.compare import Run
-from peftkit.runs.executors import ExecutorSection
+from peftkit.runs import executors
+from peftkit.runs.spec import RunSpec
 from peftkit.io import atomic_write_text
 
 
@@ -18,9 +18,7 @@ def trial(tmp_path, tiny_models, sentiment_dir, strategy, name, **data):
                       checkpoint_every=None)
     rec["task"]["data"].update(data)
     rec["output"] = {"report_to": []}
-    run = Run(name, 0, R.from_dict(rec), tmp_path / "out")
-    run.dir = tmp_path / "out" / name / "search" / "lr1e-03" / "seed0"
-    return run
+    return RunSpec(name, 0, R.from_dict(rec), tmp_path / "out" / name / "search" / "lr1e-03" / "seed0")
 
 
 def losses(d):
@@ -66,9 +64,9 @@ def test_trials_of_a_dead_batch_run_again_one_process_each(tiny_models, sentimen
         return in_process(items)
 
     monkeypatch.setattr(search, "_run_all", dies)
-    errs = search._train_trials(runs, None, ExecutorSection(), tmp_path / "rung1", "rung 1/1", echo=lambda *_: None)
+    errs = search._train_trials(runs, None, executors.config(), tmp_path / "rung1", "rung 1/1", echo=lambda *_: None)
     assert errs == [None, None] and all(r.done() for r in runs)
-    assert seen == [["TrialBatch"], ["Run", "Run"]]
+    assert seen == [["TrialBatch"], ["RunSpec", "RunSpec"]]
 
 
 def test_groups_keep_order_and_balance():
