@@ -199,8 +199,8 @@ def _executor_flags(c) -> None:
     from peftkit.runs import executors  # the registry: its names and each executor's options
 
     g = c.add_argument_group("executor (default: the recipe's executor: section, else local, one at a time)")
-    g.add_argument("--executor", choices=list(executors.REGISTRY), help="where the runs execute: "
-                   + "; ".join(f"{n}: {(e.__doc__ or '').strip().splitlines()[0].rstrip('.')}" for n, e in executors.REGISTRY.items()))
+    said = [f"{n}: {(e.__doc__ or '').strip().splitlines()[0].rstrip('.')}" for n, e in executors.REGISTRY.items()]
+    g.add_argument("--executor", choices=list(executors.REGISTRY), help="where the runs execute: " + "; ".join(said))
     for field, kw in executors.cli_flags().items():
         g.add_argument("--" + field.replace("_", "-"), dest=field, **kw)
 

@@ -38,15 +38,19 @@ class TrialBatch(Job):
     def identity(self) -> dict:
         return {"batch": self.title, "trials": [str(r.dir) for r in self.runs], "recipe_hash": self.hash}
 
-    def command(self, args: Sequence[str] = ()) -> list[str]:
-        """Each trial's recipe next to its run dir (as a single run would have it) and the manifest."""
-        if args:  # the search batches only runs of one process each (no --launcher)
-            raise ValueError(f"a trial batch trains in one process; it takes no train options ({' '.join(args)})")
+    def write_manifest(self) -> Path:
+        """Each trial's recipe next to its run dir (as a single run would have it) and the manifest
+        listing them (``peftkit.runs.trial_batch.read_manifest``)."""
         trials = [{"recipe": str(r.write_recipe()), "out": str(r.dir), "variant": r.variant, "seed": r.seed,
                    "hash": r.hash} for r in self.runs]
         manifest = self.dir / MANIFEST
         atomic_write_json(manifest, {"trials": trials})
-        return [sys.executable, "-m", "peftkit.runs.trial_batch", str(manifest)]
+        return manifest
+
+    def command(self, args: Sequence[str] = ()) -> list[str]:
+        if args:  # the search batches only runs of one process each (no --launcher)
+            raise ValueError(f"a trial batch trains in one process; it takes no train options ({' '.join(args)})")
+        return [sys.executable, "-m", "peftkit.runs.trial_batch", str(self.write_manifest())]
 
 
 def groups(runs: list, n: int) -> list[list]:

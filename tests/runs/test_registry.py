@@ -77,7 +77,8 @@ def test_a_new_executor_is_one_module_and_one_registry_line(tiny_models, sentime
     assert res["speed"]["steps"] == 2
     meta = json.loads((out / "compare.json").read_text())
     assert meta["executor"] == {"name": "toy", "tag": "flag", "parallel": 1}
-    assert meta["runs"][0]["execution"]["where"].startswith("flag:") and meta["runs"][0]["execution"]["executor"] == "toy"
+    ran = meta["runs"][0]["execution"]
+    assert ran["where"].startswith("flag:") and ran["executor"] == "toy"
     assert "[1/1] bitfit seed 0  done" in capsys.readouterr().out
     # Its typed config checks the recipe's section: one line naming the key, nothing run.
     bad = _compare_file(tmp_path, tiny_models, sentiment_dir, [{"name": "bitfit"}], executor={"name": "toy", "tagg": 1})

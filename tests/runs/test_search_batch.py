@@ -38,7 +38,7 @@ def test_batch_gives_the_numbers_of_a_run_alone_and_keeps_failures_apart(tiny_mo
             trial(tmp_path, tiny_models, sentiment_dir, "lora", "lora")]
     batch = trial_batch.TrialBatch(runs, tmp_path / "batch", "rung 1/1")
     assert batch.runs_in_process == 4 and not batch.done()
-    assert trial_batch.main([batch.command()[-1]]) == 1  # one trial failed; the others trained
+    assert trial_batch.main([str(batch.write_manifest())]) == 1  # one trial failed; the others trained
     prefix, broken, ia3, lora = runs
     assert prefix.done() and ia3.done() and lora.done() and not batch.done()
     err = json.loads((broken.dir / "error.json").read_text())

@@ -95,7 +95,9 @@ def train_args(cfg: ExecutorConfig) -> list[str]:
     if cfg.launcher == "none":
         return []
     extra = ["--launcher", cfg.launcher, "--nproc", str(cfg.nproc)]
-    return extra + (["--accelerate-config", str(Path(cfg.accelerate_config).resolve())] if cfg.accelerate_config else [])
+    if cfg.accelerate_config:
+        extra += ["--accelerate-config", str(Path(cfg.accelerate_config).resolve())]
+    return extra
 
 
 def log_tail(path: Path, n: int = 4000) -> str:

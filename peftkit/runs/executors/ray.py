@@ -45,9 +45,9 @@ class RayExecutor(Executor):
         started = not ray.is_initialized()
         if started:
             c = self.cfg
+            local = {} if c.address else {"num_cpus": max(c.parallel * (c.cpus_per_run or 1), os.cpu_count() or 1)}
             ray.init(address=c.address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}},
-                     **({} if c.address else {"num_cpus": max(c.parallel * (c.cpus_per_run or 1), os.cpu_count() or 1)}))
+                     runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}}, **local)
         try:
             return self._run(ray, jobs, todo, outs, echo)
         finally:
@@ -68,10 +68,11 @@ class RayExecutor(Executor):
             i = refs.pop(ready[0])
             try:
                 rep = ray.get(ready[0])
-                where = f"ray:{rep['node']} on {rep['host']}" + (f" (GPU {','.join(rep['gpus'])})" if rep["gpus"] else "")
+                gpus = f" (GPU {','.join(rep['gpus'])})" if rep["gpus"] else ""
+                where = f"ray:{rep['node']} on {rep['host']}{gpus}"
             except Exception as e:  # the worker died (node lost, out of memory)
-                rep = failed_report(jobs[i], f"ray task: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                    round(time.perf_counter() - t0, 1))
+                first = str(e).splitlines()[0] if str(e) else ""
+                rep = failed_report(jobs[i], f"ray task: {type(e).__name__}: {first}", round(time.perf_counter() - t0, 1))
                 where = "ray"
             outs[i] = finish(label(i + 1, len(jobs), jobs[i]), jobs[i], rep, where, echo)
         return outs

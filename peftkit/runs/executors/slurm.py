@@ -90,5 +90,6 @@ class SlurmExecutor(Executor):
                 msg = str(e).strip().splitlines()
                 rep = failed_report(jobs[i], f"slurm job {sj.job_id}: {msg[-1] if msg else type(e).__name__}",
                                     round(time.perf_counter() - t0, 1))
-            outs[i] = finish(label(i + 1, len(jobs), jobs[i]), jobs[i], rep, f"slurm:{sj.job_id} on {rep['host']}", echo)
+            where = f"slurm:{sj.job_id} on {rep['host']}"
+            outs[i] = finish(label(i + 1, len(jobs), jobs[i]), jobs[i], rep, where, echo)
         return outs
