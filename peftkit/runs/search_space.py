@@ -98,7 +98,7 @@ def _short(x: float) -> str:
     return f"{mant.rstrip('0').rstrip('.')}e{exp}"
 
 
-def _label(point: dict) -> str:
+def point_label(point: dict) -> str:
     """Directory name of a grid point: lr1e-04_strategy.r16 (safe characters only)."""
     parts = []
     for k, v in point.items():
