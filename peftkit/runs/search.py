@@ -41,7 +41,6 @@ from pathlib import Path
 from peftkit.errors import RecipeError
 from peftkit.io import atomic_write_json
 from peftkit.runs.search_space import (
-    DEFAULT_LR,
     LOWER_IS_BETTER,
     LogGrid,
     SearchConfig,

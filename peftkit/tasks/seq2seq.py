@@ -22,6 +22,11 @@ class Seq2Seq(GenerationTask):
     kind = "seq2seq"
     model_kind = "seq2seq"
     Config = Seq2SeqConfig
+    auto_class_name = "AutoModelForSeq2SeqLM"
+    pipeline_tag = "text2text-generation"
+    # ...ForConditionalGeneration is an encoder-decoder only when its config says so (export.predict checks).
+    model_classes = ("ForConditionalGeneration",)
+    echo_key = "input"
 
     @classmethod
     def check(cls, recipe) -> list[str]:
@@ -33,11 +38,6 @@ class Seq2Seq(GenerationTask):
             problems.append("strategy 'freeze' freezes the first N blocks of one block stack; an encoder-decoder "
                             "has two: use lora, full or strategy.target_modules with ia3")
         return problems
-
-    def auto_class(self):
-        from transformers import AutoModelForSeq2SeqLM
-
-        return AutoModelForSeq2SeqLM
 
     def encode_rows(self, split, prompts, refs):
         src, cut = self.source_ids(prompts)
