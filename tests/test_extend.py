@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -193,3 +192,16 @@ def test_a_strategy_without_a_grid_or_a_formula_is_refused_at_registration():
     strategies.check_class("bare", Bare)  # complete now
     for key, cls in {**strategies.REGISTRY, **tasks.REGISTRY}.items():  # the shipped ones are complete
         (strategies if key in strategies.REGISTRY else tasks).check_class(key, cls)
+
+
+def test_predict_tells_a_foreign_directory_s_kind_from_the_kinds_declarations():
+    from types import SimpleNamespace
+
+    from peftkit.export.predict import kind_by_class
+
+    by_class = kind_by_class()
+    assert {s: k for k, cls in tasks.REGISTRY.items() for s in cls.model_classes} == by_class
+    assert by_class["LMHeadModel"] == "causal_lm" and by_class["ForTokenClassification"] == "token_classification"
+    # A vision-language decoder is named ...ForConditionalGeneration too: seq2seq claims encoder-decoders only.
+    seq2seq = tasks.REGISTRY[by_class["ForConditionalGeneration"]]
+    assert seq2seq.claims(SimpleNamespace(is_encoder_decoder=True)) and not seq2seq.claims(SimpleNamespace())

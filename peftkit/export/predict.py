@@ -31,10 +31,9 @@ from peftkit.training.rundir import RECIPE, load_trained
 from peftkit.tasks.generation import GenerationTask
 
 
-
 def kind_by_class() -> dict[str, str]:
-    """transformers model class suffix -> task kind (each kind's ``model_classes``), for directories
-    peftkit did not write; the first registered kind claiming a suffix has it."""
+    """transformers model class suffix -> task kind (each kind's ``model_classes``, subject to its
+    ``claims(config)``), for directories peftkit did not write; the first registered kind has a suffix."""
     out: dict[str, str] = {}
     for kind, cls in tasks.REGISTRY.items():
         for suffix in cls.model_classes:
@@ -66,9 +65,8 @@ class Predictor:
         config = transformers.AutoConfig.from_pretrained(p)
         arch = (config.architectures or [""])[0]
         by_class = kind_by_class()
-        kind = meta.get("task") or next((k for s, k in by_class.items() if arch.endswith(s)), None)
-        if kind == "seq2seq" and not meta and not getattr(config, "is_encoder_decoder", False):
-            kind = None  # e.g. a vision-language decoder named ...ForConditionalGeneration
+        kind = meta.get("task") or next((k for s, k in by_class.items()
+                                         if arch.endswith(s) and tasks.REGISTRY[k].claims(config)), None)
         if kind is None or not hasattr(transformers, arch):
             raise UserError(f"{p}: cannot tell the task of model class '{arch}' (known: {', '.join(by_class)})")
         model = getattr(transformers, arch).from_pretrained(p, dtype="auto")

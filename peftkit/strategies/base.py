@@ -59,8 +59,9 @@ class Strategy:
         raise NotImplementedError
 
     def expected_trainable(self, facts) -> int:
-        """How many parameters ``apply`` leaves trainable on a model with these ``facts`` (a
-        ``peftkit.strategies.facts.ModelFacts``, which imports this module; task head included), from the method's definition and the model's shapes, never from ``requires_grad``:
+        """How many parameters ``apply`` leaves trainable (task head included) on a model with these
+        ``facts`` (a ``peftkit.strategies.facts.ModelFacts``; not annotated: that module imports this
+        one): from the method's definition and the model's shapes, never from ``requires_grad``.
         tests/strategies/test_contract.py compares it with ``count_params`` of the applied model."""
         raise NotImplementedError
 

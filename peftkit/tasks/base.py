@@ -58,6 +58,12 @@ class Task:
     def check(cls, recipe) -> list[str]:
         return []
 
+    @classmethod
+    def claims(cls, config) -> bool:
+        """Whether an exported model with this transformers ``config``, its class name matching
+        ``model_classes``, is of this kind (``predict`` on a directory without peftkit.json)."""
+        return True
+
     def auto_class(self):
         import transformers
 

@@ -24,8 +24,7 @@ class Seq2Seq(GenerationTask):
     Config = Seq2SeqConfig
     auto_class_name = "AutoModelForSeq2SeqLM"
     pipeline_tag = "text2text-generation"
-    # ...ForConditionalGeneration is an encoder-decoder only when its config says so (export.predict checks).
-    model_classes = ("ForConditionalGeneration",)
+    model_classes = ("ForConditionalGeneration",)  # see claims()
     echo_key = "input"
 
     @classmethod
@@ -38,6 +37,11 @@ class Seq2Seq(GenerationTask):
             problems.append("strategy 'freeze' freezes the first N blocks of one block stack; an encoder-decoder "
                             "has two: use lora, full or strategy.target_modules with ia3")
         return problems
+
+    @classmethod
+    def claims(cls, config) -> bool:
+        # Vision-language decoders are named ...ForConditionalGeneration too.
+        return bool(getattr(config, "is_encoder_decoder", False))
 
     def encode_rows(self, split, prompts, refs):
         src, cut = self.source_ids(prompts)
