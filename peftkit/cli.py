@@ -127,8 +127,7 @@ def cmd_predict(args) -> int:
             raise UserError(f"--json-input: not JSON ({e})") from None
     pred = Predictor.load(args.path)
     preds = pred.predict(inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    # Classification echoes the input as "text"; generated tasks return their own "text".
-    key = "text" if pred.kind == "classification" else "input"
+    key = pred.task.echo_key  # classification echoes the input as "text"; generated tasks return their own
     rows = [{key: x, **p} for x, p in zip(inputs, preds)]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))

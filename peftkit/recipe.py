@@ -125,7 +125,7 @@ class Recipe(Section):
             scls = strategies.REGISTRY.get(sname)
             model = dict(data.get("model") or {})
             if model.get("quantization") is None:
-                model["quantization"] = getattr(scls, "default_quantization", "none")
+                model["quantization"] = scls.default_quantization if scls else "none"
                 data = {**data, "model": model}
         return data
 

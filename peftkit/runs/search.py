@@ -44,7 +44,6 @@ from peftkit.io import atomic_write_json
 from peftkit.runs import compare as C
 from peftkit.runs import executors as X
 from peftkit.runs.search_space import (
-    DEFAULT_LR,
     LOWER_IS_BETTER,
     LogGrid,
     SearchConfig,
