@@ -126,7 +126,9 @@ def attention_impl(requested: str, dtype: torch.dtype) -> str:
 def check_attention(requested: str) -> None:
     """An explicitly requested FlashAttention that cannot run: one line naming the key and the package."""
     if requested in FLASH and (why := flash_missing(requested)) is not None:
-        raise UserError(f"model.attn_implementation: {requested} cannot run: {why}")
+        dist, cc = FLASH[requested]
+        raise UserError(f"model.attn_implementation: {requested} needs the '{dist}' package (pip install {dist}) "
+                        f"and a CUDA GPU of compute capability >= {cc}.0; here {why}")
 
 
 def quantization_config(mc, skip: list[str]):
