@@ -151,7 +151,10 @@ def compile_seconds() -> float | None:
     """Seconds dynamo and inductor spent compiling in this process so far (None: nothing compiled)."""
     from torch._dynamo.utils import compilation_time_metrics
 
-    total = sum(sum(v) for k, v in compilation_time_metrics.items() if k == "_compile.compile_inner")
+    # dynamo + the forward graph's inductor compile happen in compile_inner; AOTAutograd compiles
+    # the backward graph lazily, at the first backward, under its own key.
+    keys = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+    total = sum(sum(v) for k, v in compilation_time_metrics.items() if k in keys)
     return round(total, 3) if total else None
 
 
@@ -187,6 +190,19 @@ def apply(model, recipe, device) -> tuple[torch.nn.Module, dict]:
         t0 = time.perf_counter()
         info["compiled_blocks"] = compile_blocks(model)
         info["compile_setup_s"] = round(time.perf_counter() - t0, 3)  # compiling itself happens at the first step
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    info["padding_free"], info["padding_free_reason"] = padding_free(recipe, attn, device_type)
+    info["padding_free"], info["padding_free_reason"] = padding_free(recipe, _attn_of(model), device_type)
     return model, info
+
+
+def report(info: dict) -> dict:
+    """``apply``'s info for result.json's ``run.kernels``, with the compile time spent by now
+    (after training: dynamo compiles at the first steps, which the median step leaves out)."""
+    return {**info, "compile_s": compile_seconds()} if info.get("compile") == "blocks" else dict(info)
+
+
+def _attn_of(model) -> str:
+    """The attention implementation of the transformers model inside wrappers (peft, DDP)."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) or "sdpa"
