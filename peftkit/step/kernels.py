@@ -136,15 +136,33 @@ def decoder_blocks(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_blocks(model) -> int:
-    """``torch.compile`` each decoder block in place; the number of blocks compiled."""
+def compile_blocks(model, **compile_kwargs) -> int:
+    """``torch.compile`` each decoder block in place, for training; the number of blocks compiled.
+
+    Training forwards run without a KV cache (``config.use_cache = False``): the cache is indexed by
+    the block's ``layer_idx``, so with it every block would be its own graph (and past dynamo's
+    recompile limit, eager again). Forwards without gradients (evaluation, generation, where
+    ``generate`` turns the cache on by itself) stay eager: they would recompile per layer.
+    """
     blocks = decoder_blocks(model)
     if not blocks:
         raise UserError("model.compile: blocks: no decoder blocks found in this model "
                         "(it declares no _no_split_modules); use train.compile instead")
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and hasattr(m.config, "use_cache"):
+            m.config.use_cache = False
     for b in blocks:
-        b.compile()
+        b._compiled_call_impl = _training_only(b._call_impl, torch.compile(b._call_impl, **compile_kwargs))
     return len(blocks)
+
+
+def _training_only(eager, compiled):
+    def call(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+    return call
 
 
 def compile_seconds() -> float | None:

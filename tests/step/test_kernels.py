@@ -124,6 +124,26 @@ def test_compile_blocks_same_loss_and_grads_same_keys(tiny_models):
     assert kernels.compile_seconds() > 0
 
 
+def test_compile_blocks_one_graph_for_all_blocks(tiny_models):
+    """Wiring on dynamo without inductor (fast): every block compiled, one graph reused, same loss."""
+    import torch._dynamo.utils as du
+
+    torch._dynamo.reset()
+    eager = _llama(tiny_models)
+    compiled = copy.deepcopy(eager)
+    assert kernels.compile_blocks(compiled, backend="aot_eager") == 2
+    ids = torch.randint(3, 1000, (2, 12))
+    before = du.counters["stats"]["unique_graphs"]
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert du.counters["stats"]["unique_graphs"] - before == 1  # the second block reuses the first's graph
+    assert torch.allclose(loss, eager(input_ids=ids, labels=ids).loss, atol=1e-6)
+    assert kernels.compile_seconds() > 0
+    with torch.no_grad():  # evaluation and generation (KV cache) stay eager: no per-layer recompiles
+        out = compiled.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 7) and du.counters["stats"]["unique_graphs"] - before == 1
+
+
 def test_compile_blocks_sees_through_peft(tiny_models):
     import peft
 
