@@ -218,7 +218,6 @@ def load(mc, task, tokenizer=None) -> Loaded:
         "attn_reason": attn_why,
         "kernels": fused,
     }
-    _announce(info)
     return Loaded(model, tokenizer, info)
 
 
@@ -243,12 +242,8 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _announce(info: dict) -> None:
-    """The run's first line says which attention and fused kernels run, and why (main process only)."""
-    import os
-
-    if os.environ.get("RANK", "0") != "0":
-        return
+def attention_line(info: dict) -> str:
+    """Which attention and fused kernels run, and why: for the run's first log line."""
     k = info["kernels"]
-    print(f"[peftkit] attention: {info['attn_implementation']} ({info['attn_reason']}); "
-          f"kernels: {k['used']} ({k['reason']})", flush=True)
+    return (f"attention {info['attn_implementation']} ({info['attn_reason']}); "
+            f"kernels {k['used']} ({k['reason']})")

@@ -48,7 +48,7 @@ def test_explicit_missing_kernel_is_one_line(monkeypatch):
     backbone.check_attention("sdpa")  # no requirement
 
 
-def test_load_reports_attention_and_kernels(tiny_models, capsys):
+def test_load_reports_attention_and_kernels(tiny_models):
     from peftkit import recipe as R
     from peftkit.tasks import get as get_task
 
@@ -64,8 +64,8 @@ def test_load_reports_attention_and_kernels(tiny_models, capsys):
     if not torch.cuda.is_available():
         assert info["kernels"] == {"used": "none", "fused_loss": False,
                                    "reason": "auto: Liger's kernels are Triton (CUDA only); this run is on cpu"}
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith(f"[peftkit] attention: {info['attn_implementation']} (auto:") and "kernels: " in first
+    line = backbone.attention_line(info)
+    assert line.startswith(f"attention {info['attn_implementation']} (auto: ") and "; kernels none (auto: " in line
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
