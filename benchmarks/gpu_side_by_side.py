@@ -100,6 +100,9 @@ def make_model(shape: str, dest: Path, tokenizer: str) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(dest)
+    del model
+    if device == "cuda":  # the runs are other processes: give the GPU memory back
+        torch.cuda.empty_cache()
     return dest
 
 
@@ -189,7 +192,7 @@ class Meter:
                        max_reserved_bytes=torch.cuda.max_memory_reserved())
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
-            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             out["profile_top"] = self.prof.key_averages().table(sort_by=key, row_limit=30)
         return out
 
