@@ -226,8 +226,8 @@ class _FakeRun:
         self.tc, self.target, self.task = recipe.train, target, task
         with kernels.stock():  # Liger's RoPE (module-level, Triton) cannot run on fake CPU tensors
             self.model, self.auto_name, qlinears = fake_model(recipe, copy.deepcopy(config), task, target)
-        self.fused_loss = _fused_loss(recipe, self.model, task, target)
-        self.padding_free = kernels.padding_free(recipe, _attn_on(recipe, target), target)[0]
+        self.fused_loss = _fused_loss(recipe, self.model, target)
+        self.padding_free = kernels.padding_free(recipe, _attn_chosen(recipe), target)[0]
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         with self.mode:
             _to_fake(self.model)
@@ -258,7 +258,9 @@ class _FakeRun:
     def _loss(self, tokens: int):
         """The training loss as it runs: Liger's fused linear cross-entropy never builds the logits;
         its stand-in is the chunked loss (chunked_loss.py) at Liger's chunk size: hidden states
-        kept, one chunk's logits at a time."""
+        kept, one chunk's logits at a time. Not modelled: Liger's input-gradient buffer
+        (tokens x hidden, allocated in forward) and, when the output layer trains, its weight
+        gradient allocated in forward rather than in backward."""
         if not self.fused_loss:
             return self.task.train_loss
         from peftkit.step.chunked_loss import causal_lm_loss
@@ -268,14 +270,14 @@ class _FakeRun:
         return lambda model, batch: causal_lm_loss(model, batch, chunk)
 
 
-def _attn_on(recipe, target: str) -> str:
-    """The attention implementation a run on ``target`` picks (the trace itself uses a stand-in)."""
+def _attn_chosen(recipe) -> str:
+    """The attention implementation the run picks here (the trace itself runs a stand-in)."""
     mc = recipe.model
     dtype = backbone.DTYPES[mc.dtype if (mc.quantization or "none") == "none" else mc.compute_dtype]
     return backbone.attention_impl(mc.attn_implementation, dtype)
 
 
-def _fused_loss(recipe, model, task, target: str) -> bool:
+def _fused_loss(recipe, model, target: str) -> bool:
     """Whether the run's loss is Liger's fused one (decided as model.backbone.load decides it)."""
     if getattr(recipe.task, "loss_chunk_tokens", None):  # the chunked loss runs instead, traced as is
         return False
