@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from peftkit.model import backbone
-from peftkit.estimate import fakes
+from peftkit.estimate import cuda, fakes
 from peftkit import hardware, strategies, tasks
 from peftkit.step import memory, offload
 from peftkit.errors import UserError
@@ -195,7 +195,7 @@ class Estimator:
             "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
             "device": self.target, "optimizer": tc.optimizer, "peak_bytes": peak, "total_bytes": peak,
         })
-        out.update(fakes.allowances(self.target, peak))
+        out.update(fakes.allowances(self.target, out))
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out
 
@@ -239,8 +239,11 @@ class _FakeRun:
 
     def trace(self, batch: int, seq: int) -> dict:
         with self.mode:
-            tracker = memory.LiveMemory(round_to=fakes.BLOCK_ROUND if self.target == "cuda" else 1)
+            cuda_target = self.target == "cuda"
+            tracker = cuda.event_tracker(fakes.BLOCK_ROUND) if cuda_target else memory.LiveMemory()
             handles = memory.track_state(tracker, self.model, self.opt)
+            if cuda_target:
+                tracker.mark()
             fb = _fake_batch(self.auto_name, batch, seq, self.tc.padding_free)
             try:
                 with tracker:
@@ -249,8 +252,12 @@ class _FakeRun:
                 for h in handles:
                     h.remove()
         peak = tracker.summary()
-        return {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"],
-                "phases": peak["phases"]}
+        out = {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"],
+               "phases": peak["phases"]}
+        if cuda_target:  # the allocator's segments over two replayed steps, workspaces included
+            fixed = [c["bytes"] // cuda.HANDLES for c in cuda.fixed_costs() if c["in_allocated"] and c["bytes"]]
+            out.update(cuda.reserved_peak(tracker, fixed * cuda.HANDLES, self.static.get("paged_optimizer_bytes", 0)))
+        return out
 
 
 def _tokenizer(mc):
@@ -283,10 +290,14 @@ def render(est: dict, recipe=None) -> None:
         t.add_row(k, mib(v))
     t.add_row("[bold]peak (allocated)[/bold]", f"[bold]{mib(est['peak_bytes'])}[/bold]")
     if "device_total_bytes" in est:
+        t.add_row("peak (reserved: the allocator's segments)", mib(est["reserved_peak_bytes"]))
         t.add_row(f"+ {est['context_note']}", mib(est["context_bytes"]))
-        t.add_row("[bold]device total[/bold]", f"[bold]{mib(est['device_total_bytes'])}[/bold]")
+        t.add_row("[bold]device total (allocated / reserved)[/bold]",
+                  f"[bold]{mib(est['device_total_bytes'])} / {mib(est['reserved_total_bytes'])}[/bold]")
     c = Console()
     c.print(t)
+    for line in est.get("cuda_fixed", []):
+        c.print(f"{line['name']}: {mib(line['bytes'])} - {line['source']}")
     w = est["weights"]
     c.print("weights: " + ", ".join(f"{k} {mib(v)}" for k, v in w["by_type"].items())
             + f"; trainable {p['trainable']:,} / {p['total']:,} params")
