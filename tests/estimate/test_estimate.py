@@ -133,7 +133,7 @@ def test_catalog_8b_qlora_cuda_offline_loads_no_weights(monkeypatch):
 def test_every_catalog_entry_is_a_config():
     from peftkit.estimate import catalog
 
-    assert len(catalog.names()) == 16
+    assert len(catalog.names()) == 17
     for n in catalog.names():
         assert catalog.resolve_config(f"catalog:{n}").model_type
 
