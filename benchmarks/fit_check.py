@@ -153,7 +153,9 @@ def worker(spec: dict) -> dict:
         else:
             out.update(allocated=probe.result["peak_bytes"], reserved=probe.result["peak_bytes"])
             out["oom"] = bool(spec.get("cap")) and out["allocated"] > spec["cap"]  # emulated
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # cuBLAS reports a failed workspace as a RuntimeError
+        if "out of memory" not in str(e).lower() and "ALLOC_FAILED" not in str(e):
+            raise
         out.update(oom=True, error=str(e).splitlines()[0][:300])
     out["seconds"] = round(time.time() - t0, 2)
     return out
@@ -225,10 +227,11 @@ def plan(grid, auto, dry: bool, pred: Predictor, model_name) -> tuple[list[dict]
         group = {"model": model, "strategy": strategy, "global_batch": gb, "seq": s, "cap": cap,
                  "micro": c.micro, "accum": c.accum, "why": c.why, "runs": []}
         for m in (c.micro, 2 * c.micro, 4 * c.micro):
-            if m <= gb:
-                e = pred.at(rec, m, s)
+            if m <= gb:  # each with its accumulation (two micro-steps run: the peak is in the second)
+                e = pred.estimator(rec).at(m, s, accum=gb // m)
+                run_rec = recipe(model_name(model), strategy, m, s, {}, grad_accum=gb // m)
                 group["runs"].append({"model": model, "strategy": strategy, "batch": m, "seq": s, "cap": cap,
-                                      "model_overrides": {}, "recipe": recipe(model_name(model), strategy, m, s, {}),
+                                      "model_overrides": {}, "recipe": run_rec,
                                       "predicted_allocated": e["peak_bytes"],
                                       "predicted_reserved": e.get("reserved_peak_bytes", e["peak_bytes"]),
                                       "verdict": fit.verdict(e, cap, context=False)["verdict"], "auto": m == c.micro})

@@ -155,13 +155,14 @@ def cheapest_change(recipe, budget: int, device: str, batch: int, seq: int, cont
     from peftkit.estimate.trace import Estimator
 
     def best(est, overrides: list[str], what: str) -> dict | None:
-        m = _largest_power(lambda b: verdict(est.at(b, seq), budget, context)["verdict"] == "fits", batch)
+        m = _largest_power(lambda b: verdict(est.at(b, seq, accum=batch // b), budget, context)["verdict"] == "fits",
+                           batch)
         if m is None:
             return None
         if m < batch:
             overrides = [*overrides, f"train.micro_batch_size={m}"]
             what += f"{' + ' if what else ''}micro-batch {m} with {batch // m}-step accumulation"
-        return {"change": what, "overrides": overrides, **verdict(est.at(m, seq), budget, context)}
+        return {"change": what, "overrides": overrides, **verdict(est.at(m, seq, accum=batch // m), budget, context)}
 
     found = best(estimator or Estimator(recipe, device), [], "")
     if found:
@@ -258,7 +259,7 @@ def choose_micro_batch(recipe, capacity: Capacity, world: int = 1, seq: int | No
     seen: dict[int, dict] = {}
 
     def ok(m: int) -> bool:
-        seen[m] = verdict(est.at(m, seq), capacity.bytes, capacity.context)
+        seen[m] = verdict(est.at(m, seq, accum=per // m), capacity.bytes, capacity.context)
         return seen[m]["verdict"] == "fits"
 
     m = _largest_power(ok, per)

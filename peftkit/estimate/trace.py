@@ -177,12 +177,15 @@ class Estimator:
             self.runs = [_FakeRun(recipe, _with_layers(config, key, k), self.task, self.target) for k in (lo, hi)]
             self.f, self.how = (n - lo) / (hi - lo), f"{n} layers extrapolated from traces of {lo} and {hi}"
 
-    def at(self, batch_size: int | None = None, seq_len: int | None = None, seq_source: str | None = None) -> dict:
+    def at(self, batch_size: int | None = None, seq_len: int | None = None, seq_source: str | None = None,
+           accum: int | None = None) -> dict:
+        """``accum``: micro-batches per optimizer step (default train.grad_accum); from the second
+        on, the gradients of the first are live during forward and backward."""
         t0 = time.perf_counter()
         tc = self.recipe.train
         batch, seq = batch_size or tc.batch_size, seq_len or self.recipe.task.max_length
         src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
-        traces = [r.trace(batch, seq) for r in self.runs]
+        traces = [r.trace(batch, seq, accum or tc.grad_accum) for r in self.runs]
         out = traces[0] if self.f is None else _extrapolate(*traces, self.f)
         # Each phase's peak is linear in the depth, the step's peak is their max: a shallow trace can
         # peak in backward while the deep model peaks in the optimizer step (foreach AdamW, full).
@@ -237,7 +240,7 @@ class _FakeRun:
             if target == "cuda":
                 self.static["paged_optimizer_bytes"] = fakes.paged_bytes(self.opt)
 
-    def trace(self, batch: int, seq: int) -> dict:
+    def trace(self, batch: int, seq: int, accum: int | None = None) -> dict:
         with self.mode:
             cuda_target = self.target == "cuda"
             tracker = cuda.event_tracker(fakes.BLOCK_ROUND) if cuda_target else memory.LiveMemory()
@@ -247,7 +250,7 @@ class _FakeRun:
             fb = _fake_batch(self.auto_name, batch, seq, self.tc.padding_free)
             try:
                 with tracker:
-                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc, self.task)
+                    _step(self.model, self.opt, fb, min(accum or self.tc.grad_accum, 2), self.tc, self.task)
             finally:
                 for h in handles:
                     h.remove()

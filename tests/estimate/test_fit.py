@@ -116,7 +116,7 @@ class _Linear:
     def __init__(self, fixed, per_example):
         self.fixed, self.per, self.calls = fixed, per_example, []
 
-    def at(self, b, s):
+    def at(self, b, s, accum=None):
         self.calls.append(b)
         peak = self.fixed + self.per * b
         return {"peak_bytes": peak, "reserved_peak_bytes": int(peak * 1.1), "context_bytes": 0}
@@ -141,6 +141,7 @@ def test_choose_micro_batch_largest_fitting_power_of_two(tiny_models, sentiment_
     assert c.verdict["verdict"] == "fits" and len(est.calls) <= 7  # bisection over the exponents
     if 2 * expect <= batch // world and (batch // world) % (2 * expect) == 0:
         assert fit.verdict(est.at(2 * expect, 32), int(cap), False)["verdict"] != "fits"
+    assert c.verdict["reserved_bytes"] == int((1000 + 100 * expect) * 1.1)
     upd = c.train_update()
     assert upd["batch_size"] * upd["grad_accum"] == batch and upd["micro_batch_size"] is None
     assert json.dumps(c.as_dict()) and "largest power of two" in c.line()
@@ -165,7 +166,8 @@ def test_micro_batch_auto_with_planted_device_capacity(tiny_models, sentiment_di
 
     r = R.from_dict(tiny_recipe(tiny_models["llama"], sentiment_dir, "lora", batch_size=32, micro_batch_size="auto"))
     est = Estimator(r, "cpu")  # on a CUDA target a tiny model's 4 and 8 share the same 2 MiB segments
-    need = {b: fit.verdict(est.at(b, 32), 0, False)["reserved_bytes"] * (1 + fit.MARGIN) for b in (4, 8)}
+    need = {b: fit.verdict(est.at(b, 32, accum=32 // b), 0, False)["reserved_bytes"] * (1 + fit.MARGIN)
+            for b in (4, 8)}
     assert need[8] > need[4]
     cap = int((need[4] + need[8]) / 2)
     monkeypatch.setattr(fit, "device_capacity", lambda: fit.Capacity(cap, False, "planted", "cpu"))
@@ -188,7 +190,7 @@ def test_does_not_fit_names_the_cheapest_change_that_fits(tiny_models, instr_dir
 
     r = R.from_dict(gen_recipe(tiny_models["llama"], instr_dir, strategy="full", batch_size=16))
     est = Estimator(r, "cuda")
-    at2 = fit.verdict(est.at(2, 40), 0, False)["reserved_bytes"]
+    at2 = fit.verdict(est.at(2, 40, accum=8), 0, False)["reserved_bytes"]
     budget = int(at2 * 1.06)  # micro-batch 2 fits, 16 does not
     row = fit.fit(r, budget, "cuda", seq=40, context=False)
     assert row["verdict"] == "does not fit" and row["max_batch"] >= 2
@@ -204,12 +206,13 @@ def test_below_micro_batch_one_the_schemas_savers_are_re_estimated(tiny_models, 
                                optimizer="adamw_foreach"))
     cands = [c[1] for c in fit.candidates(r)]
     assert ["model.gradient_checkpointing=true"] in cands and ["task.loss_chunk_tokens=1024"] in cands
-    base = Estimator(r, "cuda").at(1, 40)
-    saved = {tuple(o): Estimator(fit._with(r, o), "cuda").at(1, 40) for o in cands[:3]}
-    best = min(saved, key=lambda o: saved[o]["reserved_peak_bytes"])
-    budget = int(saved[best]["reserved_peak_bytes"] * 1.06)  # that candidate fits at micro-batch 1
+    # CPU target: a tiny model's CUDA segments (2 MiB) would hide the savings
+    base = Estimator(r, "cpu").at(1, 40, accum=16)
+    saved = {tuple(o): Estimator(fit._with(r, o), "cpu").at(1, 40, accum=16) for o in cands[:3]}
+    best = min(saved, key=lambda o: saved[o]["peak_bytes"])
+    budget = int(saved[best]["peak_bytes"] * 1.06)  # that candidate fits at micro-batch 1
     assert fit.verdict(base, budget, False)["verdict"] != "fits"
-    change = fit.cheapest_change(r, budget, "cuda", 16, 40, context=False)
+    change = fit.cheapest_change(r, budget, "cpu", 16, 40, context=False)
     assert change is not None and change["verdict"] == "fits"
     assert change["overrides"][0] in sum(cands, []) and "train.micro_batch_size=1" in change["overrides"]
     assert cands.index(list(change["overrides"][:-1])) <= cands.index(list(best))  # the cheapest that fits
