@@ -143,9 +143,10 @@ def _step(model, opt, batch: dict, micro: int, tc, task) -> None:
 
 
 def estimate(recipe, batch_size: int | None = None, seq_len: int | None = None,
-             seq_source: str | None = None, device: str | None = None, task=None, tokenizer=None) -> dict:
+             seq_source: str | None = None, device: str | None = None, task=None, tokenizer=None,
+             accum: int | None = None) -> dict:
     """Peak memory of one training step of ``recipe``, predicted from config and shapes only."""
-    return Estimator(recipe, device, task, tokenizer).at(batch_size, seq_len, seq_source)
+    return Estimator(recipe, device, task, tokenizer).at(batch_size, seq_len, seq_source, accum)
 
 
 class Estimator:
@@ -183,9 +184,13 @@ class Estimator:
         on, the gradients of the first are live during forward and backward."""
         t0 = time.perf_counter()
         tc = self.recipe.train
+        micro = tc.micro_batch_size if isinstance(tc.micro_batch_size, int) and not batch_size else None
+        if micro:  # the recipe's step: batch_size examples in micro-batches of micro_batch_size
+            batch_size, accum = micro, accum or tc.batch_size // micro
         batch, seq = batch_size or tc.batch_size, seq_len or self.recipe.task.max_length
         src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
-        traces = [r.trace(batch, seq, accum or tc.grad_accum) for r in self.runs]
+        accum = accum or tc.grad_accum
+        traces = [r.trace(batch, seq, accum) for r in self.runs]
         out = traces[0] if self.f is None else _extrapolate(*traces, self.f)
         # Each phase's peak is linear in the depth, the step's peak is their max: a shallow trace can
         # peak in backward while the deep model peaks in the optimizer step (foreach AdamW, full).
@@ -197,6 +202,7 @@ class Estimator:
             "method": "one whole training step on fake tensors (no weights loaded), live-storage tracker; " + self.how,
             "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
             "device": self.target, "optimizer": tc.optimizer, "peak_bytes": peak, "total_bytes": peak,
+            "accumulation": accum,
         })
         out.update(fakes.allowances(self.target, out))
         out["seconds"] = round(time.perf_counter() - t0, 2)

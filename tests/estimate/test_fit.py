@@ -228,3 +228,14 @@ def test_estimate_cli_fit_verdict_json(tiny_models, sentiment_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     (row,) = json.loads(p.stdout)
     assert row["verdict"] == "fits" and row["reserved_bytes"] >= row["peak_bytes"] and row["margin"] == fit.MARGIN
+
+
+def test_estimate_of_a_recipe_with_a_micro_batch_traces_its_accumulation(tiny_models, sentiment_dir):
+    from peftkit.estimate.trace import Estimator
+
+    d = tiny_recipe(tiny_models["llama"], sentiment_dir, "full", batch_size=16, micro_batch_size=4)
+    est = Estimator(R.from_dict(d))
+    e = est.at()
+    assert (e["batch_size"], e["accumulation"]) == (4, 4)
+    one = est.at(4, None, accum=1)  # no accumulation: the gradients are not live in the forward
+    assert e["peak_bytes"] > one["peak_bytes"] and one["accumulation"] == 1
