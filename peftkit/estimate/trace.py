@@ -300,7 +300,7 @@ def render(est: dict, recipe=None) -> None:
     t.add_row("[bold]peak (allocated)[/bold]", f"[bold]{mib(est['peak_bytes'])}[/bold]")
     if "device_total_bytes" in est:
         t.add_row("peak (reserved: the allocator's segments)", mib(est["reserved_peak_bytes"]))
-        t.add_row(f"+ {est['context_note']}", mib(est["context_bytes"]))
+        t.add_row("+ CUDA context (outside the allocator)", mib(est["context_bytes"]))
         t.add_row("[bold]device total (allocated / reserved)[/bold]",
                   f"[bold]{mib(est['device_total_bytes'])} / {mib(est['reserved_total_bytes'])}[/bold]")
     c = Console()
