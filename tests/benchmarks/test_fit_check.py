@@ -48,3 +48,9 @@ def test_fit_check_dry_run_fresh_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     _check(tmp_path)
     assert "targets: " in p.stdout
+
+
+def test_fit_check_help():
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fit_check.py"), "--help"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0 and "--dry-run" in p.stdout, p.stderr[-2000:]
