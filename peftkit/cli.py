@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, help="default: task.max_length (every batch padded to it: an upper bound)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
     e.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="target device to model (no GPU needed)")
-    e.add_argument("--fit", metavar="SIZE", help="e.g. 24GiB: largest batch / longest sequence that fit, per strategy")
+    e.add_argument("--fit", metavar="SIZE", help="e.g. 24GiB: per strategy, fits / tight / does not fit (reserved "
+                   "peak + 5%% margin), largest batch / longest sequence that fit, the cheapest change when not")
     e.set_defaults(fn=cmd_estimate)
 
     c = sub.add_parser("compare", help="run every variant of a compare recipe in its own process, then report")

@@ -48,6 +48,10 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=0)  # overrides epochs when set; 0 = evaluate the untrained model
     batch_size: int = Field(16, ge=1)  # GLOBAL: summed over processes (each gets batch_size / N)
     grad_accum: int = Field(1, ge=1)
+    # set: batch_size is the global batch of ONE optimizer step, trained in micro-batches of this size
+    # per process with accumulation; auto: the largest power of two the device fits, by the
+    # estimate (estimate/fit.py choose_micro_batch), so one recipe trains the same on 24 and 80 GiB
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -139,6 +143,17 @@ class Recipe(Section):
         problems = strategies.get(self.strategy).check(self) + tasks.REGISTRY[self.task.kind].check(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batch(self):
+        t = self.train
+        m = t.micro_batch_size
+        if m is not None and t.grad_accum != 1:
+            raise ValueError("train.grad_accum: leave it at 1 when train.micro_batch_size is set (the "
+                             "accumulation is train.batch_size / micro_batch_size)")
+        if isinstance(m, int) and t.batch_size % m:
+            raise ValueError(f"train.micro_batch_size: {m} does not divide train.batch_size {t.batch_size}")
         return self
 
     # -- identity -------------------------------------------------------------------------

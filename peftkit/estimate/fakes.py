@@ -7,7 +7,7 @@
 * CUDA as the target: attention as FlashAttention-2 / SDPA's memory-efficient kernels keep
   it (output + fp32 log-sum-exp per row saved; backward: dq/dk/dv and an fp32 dq accumulator,
   GQA keys/values expanded to the query heads), every block rounded to the caching
-  allocator's 512 B, and a CUDA-context allowance outside ``max_memory_allocated``.
+  allocator's 512 B; the fixed CUDA costs and the allocator's segments are in ``cuda.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import torch
 
 BLOCK = 64  # bitsandbytes 4-bit block size
 BLOCK_ROUND = 512  # CUDA caching allocator: every block is a multiple of 512 B
-CUDA_CONTEXT_BYTES = 500 * 2**20
-CONTEXT_NOTE = "CUDA context + cuBLAS workspace (not in max_memory_allocated; ~0.3-0.6 GiB, stated 500 MiB)"
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages state buffers of tensors at least this large
 
 
@@ -149,9 +147,22 @@ def paged_bytes(opt) -> int:
                for k, t in st.items() if k in ("state1", "state2") and isinstance(t, torch.Tensor))
 
 
-def allowances(target: str, peak: int) -> dict:
-    """What the target device adds to the traced peak (CUDA: the context)."""
+def allowances(target: str, est: dict) -> dict:
+    """What a CUDA target adds to the traced peak, each a named line (``cuda.fixed_costs``):
+    the cuBLAS/cuBLASLt workspaces come from the caching allocator, so they are part of
+    ``peak_bytes`` (max_memory_allocated's counterpart) and of the reserved peak; the CUDA
+    context is outside both and only added to the device totals. CPU: nothing."""
     if target != "cuda":
         return {}
-    return {"context_bytes": CUDA_CONTEXT_BYTES, "context_note": CONTEXT_NOTE, "block_rounding_bytes": BLOCK_ROUND,
-            "device_total_bytes": peak + CUDA_CONTEXT_BYTES}
+    from peftkit.estimate import cuda
+
+    lines = cuda.fixed_costs()
+    inside = sum(c["bytes"] for c in lines if c["in_allocated"])
+    context = sum(c["bytes"] for c in lines if not c["in_allocated"])
+    peak = est["peak_bytes"] + inside
+    reserved = max(est.get("reserved_peak_bytes", 0), peak)  # the replay already holds the workspaces
+    return {"peak_bytes": peak, "total_bytes": peak, "traced_peak_bytes": est["peak_bytes"],
+            "at_peak": {**est["at_peak"], "cuda_workspaces": inside}, "cuda_fixed": lines,
+            "context_bytes": context, "context_note": cuda.CONTEXT_NOTE, "block_rounding_bytes": BLOCK_ROUND,
+            "reserved_peak_bytes": reserved, "device_total_bytes": peak + context,
+            "reserved_total_bytes": reserved + context}

@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from peftkit.model import backbone
-from peftkit.estimate import fakes
+from peftkit.estimate import cuda, fakes
 from peftkit import hardware, strategies, tasks
 from peftkit.step import kernels, memory, offload
 from peftkit.errors import UserError
@@ -143,9 +143,10 @@ def _step(model, opt, batch: dict, micro: int, tc, loss_fn) -> None:
 
 
 def estimate(recipe, batch_size: int | None = None, seq_len: int | None = None,
-             seq_source: str | None = None, device: str | None = None, task=None, tokenizer=None) -> dict:
+             seq_source: str | None = None, device: str | None = None, task=None, tokenizer=None,
+             accum: int | None = None) -> dict:
     """Peak memory of one training step of ``recipe``, predicted from config and shapes only."""
-    return Estimator(recipe, device, task, tokenizer).at(batch_size, seq_len, seq_source)
+    return Estimator(recipe, device, task, tokenizer).at(batch_size, seq_len, seq_source, accum)
 
 
 class Estimator:
@@ -177,12 +178,19 @@ class Estimator:
             self.runs = [_FakeRun(recipe, _with_layers(config, key, k), self.task, self.target) for k in (lo, hi)]
             self.f, self.how = (n - lo) / (hi - lo), f"{n} layers extrapolated from traces of {lo} and {hi}"
 
-    def at(self, batch_size: int | None = None, seq_len: int | None = None, seq_source: str | None = None) -> dict:
+    def at(self, batch_size: int | None = None, seq_len: int | None = None, seq_source: str | None = None,
+           accum: int | None = None) -> dict:
+        """``accum``: micro-batches per optimizer step (default train.grad_accum); from the second
+        on, the gradients of the first are live during forward and backward."""
         t0 = time.perf_counter()
         tc = self.recipe.train
+        micro = tc.micro_batch_size if isinstance(tc.micro_batch_size, int) and not batch_size else None
+        if micro:  # the recipe's step: batch_size examples in micro-batches of micro_batch_size
+            batch_size, accum = micro, accum or tc.batch_size // micro
         batch, seq = batch_size or tc.batch_size, seq_len or self.recipe.task.max_length
         src = seq_source or ("given" if seq_len else "task.max_length (upper bound: every batch padded to it)")
-        traces = [r.trace(batch, seq) for r in self.runs]
+        accum = accum or tc.grad_accum
+        traces = [r.trace(batch, seq, accum) for r in self.runs]
         out = traces[0] if self.f is None else _extrapolate(*traces, self.f)
         # Each phase's peak is linear in the depth, the step's peak is their max: a shallow trace can
         # peak in backward while the deep model peaks in the optimizer step (foreach AdamW, full).
@@ -194,8 +202,9 @@ class Estimator:
             "method": "one whole training step on fake tensors (no weights loaded), live-storage tracker; " + self.how,
             "batch_size": batch, "seq_len": seq, "seq_source": src, "precision": tc.precision,
             "device": self.target, "optimizer": tc.optimizer, "peak_bytes": peak, "total_bytes": peak,
+            "accumulation": accum,
         })
-        out.update(fakes.allowances(self.target, peak))
+        out.update(fakes.allowances(self.target, out))
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out
 
@@ -240,20 +249,27 @@ class _FakeRun:
             if target == "cuda":
                 self.static["paged_optimizer_bytes"] = fakes.paged_bytes(self.opt)
 
-    def trace(self, batch: int, seq: int) -> dict:
+    def trace(self, batch: int, seq: int, accum: int | None = None) -> dict:
         with self.mode:
-            tracker = memory.LiveMemory(round_to=fakes.BLOCK_ROUND if self.target == "cuda" else 1)
+            cuda_target = self.target == "cuda"
+            tracker = cuda.event_tracker(fakes.BLOCK_ROUND) if cuda_target else memory.LiveMemory()
             handles = memory.track_state(tracker, self.model, self.opt)
+            if cuda_target:
+                tracker.mark()
             fb = _fake_batch(self.auto_name, batch, seq, self.padding_free)
             try:
                 with tracker, kernels.stock():
-                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc, self._loss(batch * seq))
+                    _step(self.model, self.opt, fb, min(accum or self.tc.grad_accum, 2), self.tc, self._loss(batch * seq))
             finally:
                 for h in handles:
                     h.remove()
         peak = tracker.summary()
-        return {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"],
-                "phases": peak["phases"]}
+        out = {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"],
+               "phases": peak["phases"]}
+        if cuda_target:  # the allocator's segments over two replayed steps, workspaces included
+            fixed = [c["bytes"] // cuda.HANDLES for c in cuda.fixed_costs() if c["in_allocated"] and c["bytes"]]
+            out.update(cuda.reserved_peak(tracker, fixed * cuda.HANDLES, self.static.get("paged_optimizer_bytes", 0)))
+        return out
 
     def _loss(self, tokens: int):
         """The training loss as it runs: Liger's fused linear cross-entropy never builds the logits;
@@ -323,10 +339,14 @@ def render(est: dict, recipe=None) -> None:
         t.add_row(k, mib(v))
     t.add_row("[bold]peak (allocated)[/bold]", f"[bold]{mib(est['peak_bytes'])}[/bold]")
     if "device_total_bytes" in est:
-        t.add_row(f"+ {est['context_note']}", mib(est["context_bytes"]))
-        t.add_row("[bold]device total[/bold]", f"[bold]{mib(est['device_total_bytes'])}[/bold]")
+        t.add_row("peak (reserved: the allocator's segments)", mib(est["reserved_peak_bytes"]))
+        t.add_row("+ CUDA context (outside the allocator)", mib(est["context_bytes"]))
+        t.add_row("[bold]device total (allocated / reserved)[/bold]",
+                  f"[bold]{mib(est['device_total_bytes'])} / {mib(est['reserved_total_bytes'])}[/bold]")
     c = Console()
     c.print(t)
+    for line in est.get("cuda_fixed", []):
+        c.print(f"{line['name']}: {mib(line['bytes'])} - {line['source']}")
     w = est["weights"]
     c.print("weights: " + ", ".join(f"{k} {mib(v)}" for k, v in w["by_type"].items())
             + f"; trainable {p['trainable']:,} / {p['total']:,} params")

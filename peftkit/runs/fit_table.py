@@ -1,5 +1,6 @@
 """The fit table of a recipe or compare recipe: one row per strategy or variant
-(``peftkit estimate --fit``), each from ``estimate.fit``.
+(``peftkit estimate --fit``), each from ``estimate.fit``: the verdict (fits / tight / does
+not fit), the largest batch and longest sequence that fit, the cheapest change when not.
 """
 
 from __future__ import annotations
@@ -56,22 +57,36 @@ def render(rows: list[dict], budget: int | None, device: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from peftkit.estimate.fit import MARGIN
+
     def gib(b):
         return f"{b / 2**30:,.2f} GiB"
 
-    cols = ["variant", "peak at recipe shape"] + (["fits", "largest batch", "longest seq"] if budget else [])
-    t = Table(title=(f"what fits in {gib(budget)}" if budget else "estimated peak per variant") + f" on {device}")
+    cols = ["variant", "peak at recipe shape"] + (["reserved", "verdict", "largest batch", "longest seq"]
+                                                  if budget else [])
+    t = Table(title=(f"what fits in {gib(budget)}" if budget else "estimated peak per variant") + f" on {device}"
+              + (f" (fits: reserved peak + {MARGIN:.0%} margin within it)" if budget else ""))
     for c in cols:
-        t.add_column(c, justify="left" if c in ("variant", "fits") else "right")
+        t.add_column(c, justify="left" if c in ("variant", "verdict") else "right")
+    changes = []
     for r in rows:
         if "error" in r:
-            t.add_row(r["variant"], r["error"], *(["n/a", "-", "-"] if budget else []))
+            t.add_row(r["variant"], r["error"], *(["-", "n/a", "-", "-"] if budget else []))
             continue
         head = [r["variant"], f"{gib(r['peak_bytes'])} ({r['batch_size']} x {r['seq_len']})"]
         if not budget:
             t.add_row(*head)
             continue
-        t.add_row(*head, "yes" if r["fits"] else "[bold red]no[/bold red]",
+        colour = {"fits": "green", "tight": "yellow"}.get(r["verdict"], "bold red")
+        t.add_row(*head, gib(r.get("reserved_bytes", r["peak_bytes"])), f"[{colour}]{r['verdict']}[/{colour}]",
                   "does not fit" if r["max_batch"] is None else f"{r['max_batch']} (seq {r['seq_len']})",
                   "does not fit" if r["max_seq"] is None else f"{r['max_seq']} (batch {r['batch_size']})")
-    Console().print(t)
+        if r["verdict"] == "does not fit":
+            ch = r.get("change")
+            changes.append(f"{r['variant']}: " + (f"{ch['change']}: {' '.join(ch['overrides'])} "
+                                                  f"(reserved {gib(ch['reserved_bytes'])})" if ch else
+                                                  "no single change in the schema fits; a larger device"))
+    c = Console()
+    c.print(t)
+    for line in changes:
+        c.print("cheapest change that fits - " + line)

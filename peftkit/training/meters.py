@@ -128,7 +128,7 @@ class Meters:
         from peftkit.estimate.trace import estimate
 
         try:
-            return estimate(self.b.recipe, task=self.b.task, tokenizer=self.b.tokenizer,
+            return estimate(self.b.recipe, task=self.b.task, tokenizer=self.b.tokenizer, accum=self.tc.grad_accum,
                             device="cuda" if torch.cuda.is_available() else "cpu", **kw)
         except Exception as e:  # an estimate must never stop a training run
             return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"}

@@ -29,6 +29,7 @@ class Finished:
     wall_s: float
     artifact: dict
     resumed_from: int | None = None
+    micro_batch: dict | None = None  # train.micro_batch_size's choice (estimate.fit), or None
 
 
 def build(f: Finished) -> dict:
@@ -43,6 +44,7 @@ def build(f: Finished) -> dict:
             "model": b.backbone_info,
             "seed": tc.seed,
             "recipe_hash": b.recipe.hash(),
+            "micro_batch": f.micro_batch,
             "recipe": b.recipe.to_dict(),
             "precision": hardware.resolve(tc.precision).record(),  # cached: what the trainer resolved
             "frozen_weights": f.frozen_cast,  # {dtype, bytes_saved} when stored in the autocast dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from peftkit import hardware
 from peftkit.errors import UserError
+from peftkit.estimate.fit import resolve_micro_batch
 from peftkit.io import atomic_write_json, save_safetensors
 from peftkit.log import Progress, RunLog, warn
 from peftkit.model import backbone
@@ -43,6 +45,11 @@ class Trainer:
         self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
         self.precision = hardware.for_run(built.recipe, warn)  # auto -> bf16/fp16/fp32 for this machine
         self.tc = built.recipe.train.model_copy(update={"precision": self.precision.resolved})
+        # train.micro_batch_size: the global batch split into what fits this device (by the estimate)
+        self.micro = resolve_micro_batch(built.recipe, world=int(os.environ.get("WORLD_SIZE", "1")),
+                                         task=built.task, tokenizer=built.tokenizer)
+        if self.micro:
+            self.tc = self.tc.model_copy(update=self.micro.train_update())
         self.track = Tracking(built.recipe, self.run_dir)  # experiment trackers (output.report_to)
         self.acc = Accelerator(
             **self.track.accelerator_kwargs(),
@@ -52,6 +59,8 @@ class Trainer:
             dataloader_config=dist.dataloader_config(),
         )
         self.acc.print(f"[peftkit] {self.precision.line()}; {backbone.attention_line(built.backbone_info)}")
+        if self.micro:
+            self.acc.print(f"[peftkit] {self.micro.line()}")
         if self.tc.activation_offloading and self.acc.device.type != "cuda":
             raise UserError(f"train.activation_offloading: needs a CUDA device (it moves saved activations from GPU "
                             f"to host memory); this run trains on {self.acc.device.type}")
@@ -259,7 +268,8 @@ class Trainer:
         res = result.build(result.Finished(
             built=self.b, acc=self.acc, params=run.params, frozen_cast=run.frozen_cast, state=run.state,
             train_examples=len(run.data["train"]), final=final, measured=run.meters.record(), times=run.times,
-            wall_s=wall_s, artifact=artifact, resumed_from=run.resumed_from))
+            wall_s=wall_s, artifact=artifact, resumed_from=run.resumed_from,
+            micro_batch=self.micro.as_dict() if self.micro else None))
         res["run"]["kernels"] = kernels.report(self.kernels)
         if run.rung:
             res["metrics"].update(eval_split="validation", stopped_at=run.state.step, total_steps=run.total)
