@@ -239,3 +239,23 @@ def test_estimate_of_a_recipe_with_a_micro_batch_traces_its_accumulation(tiny_mo
     assert (e["batch_size"], e["accumulation"]) == (4, 4)
     one = est.at(4, None, accum=1)  # no accumulation: the gradients are not live in the forward
     assert e["peak_bytes"] > one["peak_bytes"] and one["accumulation"] == 1
+
+
+def test_trainer_trains_the_chosen_micro_batch_and_records_why(tiny_models, sentiment_dir, monkeypatch, tmp_path):
+    """micro_batch_size: auto through a real run: the trainer splits the global batch of 16 as
+    the planted device allows, steps as often as the unsplit recipe would, and says so."""
+    import json
+
+    from peftkit.model.build import build
+    from peftkit.training.trainer import Trainer
+
+    r = R.from_dict(tiny_recipe(tiny_models["llama"], sentiment_dir, "lora", batch_size=16, max_steps=3,
+                                micro_batch_size="auto", log_every=1))
+    monkeypatch.setattr(fit, "choose_micro_batch", lambda recipe, capacity, world, **kw: fit.MicroBatchChoice(
+        4, 16 // 4 // world, "planted: 4 fit", world, 1))
+    res = Trainer(build(r), tmp_path / "run").fit()
+    mb = res["run"]["micro_batch"]
+    assert (mb["micro_batch_size"], mb["grad_accum"], mb["global_batch"]) == (4, 4, 16) and "planted" in mb["why"]
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
+    assert res["run"]["recipe_hash"] == r.hash()  # the recipe as written, not the resolved split
