@@ -29,7 +29,12 @@ class ModelConfig(Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # 4-bit layers; auto: train.precision's (hardware.py)
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # auto: flash_attention_4 on Hopper/Blackwell with flash-attn-4, flash_attention_2 with flash-attn, else sdpa
+    attn_implementation: Literal["auto", "flash_attention_4", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # fused Triton kernels (peftkit/step/kernels.py); auto: liger for CUDA causal LMs it covers, else none
+    kernels: Literal["auto", "none", "liger"] = "auto"
+    # blocks: torch.compile on each decoder block (one graph reused: short compile); none: eager
+    compile: Literal["none", "blocks"] = "none"
     gradient_checkpointing: bool = False
     # auto: under bf16/fp16 autocast, frozen linear weights are stored once in that dtype
     # (autocast's per-step re-cast becomes a no-op; half their memory); keep: as loaded
@@ -125,7 +130,7 @@ class Recipe(Section):
             scls = strategies.REGISTRY.get(sname)
             model = dict(data.get("model") or {})
             if model.get("quantization") is None:
-                model["quantization"] = getattr(scls, "default_quantization", "none")
+                model["quantization"] = scls.default_quantization if scls else "none"
                 data = {**data, "model": model}
         return data
 

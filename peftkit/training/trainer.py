@@ -19,7 +19,8 @@ import torch
 from peftkit import hardware
 from peftkit.errors import UserError
 from peftkit.log import Progress, RunLog, warn
-from peftkit.step import distributed as dist, offload
+from peftkit.model import backbone
+from peftkit.step import distributed as dist, kernels, offload
 from peftkit.step.optim import make_optimizer
 from peftkit.strategies import cast_frozen, count_params
 from peftkit.training import batches, result
@@ -49,7 +50,7 @@ class Trainer:
             cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
             dataloader_config=dist.dataloader_config(),
         )
-        self.acc.print(f"[peftkit] {self.precision.line()}")
+        self.acc.print(f"[peftkit] {self.precision.line()}; {backbone.attention_line(built.backbone_info)}")
         if self.tc.activation_offloading and self.acc.device.type != "cuda":
             raise UserError(f"train.activation_offloading: needs a CUDA device (it moves saved activations from GPU "
                             f"to host memory); this run trains on {self.acc.device.type}")
@@ -58,6 +59,9 @@ class Trainer:
         if note := dist.requested_but_not_used(self.acc):
             self.acc.print(f"[peftkit] note: {note}")
         self.log = RunLog(None)
+        # Fused kernels / compiled blocks where they pay; padding-free where a varlen kernel runs it.
+        self.model, self.kernels = kernels.apply(self.model, built.recipe, self.acc.device)
+        self.tc = self.tc.model_copy(update={"padding_free": self.kernels["padding_free"]})
         self.plan = batches.Plan(built, self.tc, self.acc, order=self.train_batches)
 
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
@@ -255,6 +259,7 @@ class Trainer:
             built=self.b, acc=self.acc, params=run.params, frozen_cast=run.frozen_cast, state=run.state,
             train_examples=len(run.data["train"]), final=final, measured=run.meters.record(), times=run.times,
             wall_s=wall_s, artifact=artifact, resumed_from=run.resumed_from, rung_of=run.total if run.rung else None))
+        res["run"]["kernels"] = kernels.report(self.kernels)
         if self.acc.is_main_process:
             result.write(self.run_dir, res, predictions)
             self.log.close()

@@ -14,7 +14,6 @@ import yaml
 from conftest import in_process, tiny_recipe
 from peftkit import cli
 from peftkit.runs import search
-from peftkit.runs.compare import Run
 from peftkit.io import atomic_write_text
 from peftkit.recipe import dump_yaml
 
