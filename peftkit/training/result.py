@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from peftkit import hardware, provenance
+from peftkit.io import atomic_write_json, save_safetensors
 from peftkit.step import distributed as dist
 from peftkit.training.state import TrainState
 
@@ -30,11 +32,17 @@ class Finished:
     artifact: dict
     resumed_from: int | None = None
     micro_batch: dict | None = None  # train.micro_batch_size's choice (estimate.fit), or None
+    rung_of: int | None = None  # a search rung: the steps of the whole budget (validation only)
 
 
 def build(f: Finished) -> dict:
     b, acc, tc, st = f.built, f.acc, f.built.recipe.train, f.state
     trainable, total = f.params
+    metrics = {"eval": f.final, "eval_split": tc.eval_split, "history": st.history,
+               "primary_metric": b.task.primary_metric, "train_loss": st.train_loss(tc.log_every),
+               "nonfinite_skipped_steps": st.nonfinite_skips}
+    if f.rung_of is not None:  # a search rung: scored on validation, stopped early
+        metrics.update(eval_split="validation", stopped_at=st.step, total_steps=f.rung_of)
     return {
         "schema": SCHEMA,
         "run": {
@@ -61,9 +69,23 @@ def build(f: Finished) -> dict:
                   "eval_samples_per_s": f.final.get("eval_samples_per_s"),
                   "steps": st.step, "epochs_started": st.epoch, "train_examples": f.train_examples,
                   "resumed_from_step": f.resumed_from},
-        "metrics": {"eval": f.final, "eval_split": tc.eval_split, "history": st.history,
-                    "primary_metric": b.task.primary_metric, "train_loss": st.train_loss(tc.log_every),
-                    "nonfinite_skipped_steps": st.nonfinite_skips},
+        "metrics": metrics,
         "artifact": f.artifact,
         "env": provenance.environment(),
     }
+
+
+def save_weights(run_dir: Path, sd: dict | None) -> dict:
+    """The strategy's trained tensors as ``strategy.safetensors``; the ``artifact`` section."""
+    if sd is None:
+        return {}
+    path = run_dir / "strategy.safetensors"
+    save_safetensors(path, sd)
+    return {"strategy_weights": path.name, "strategy_bytes": path.stat().st_size, "tensors": len(sd)}
+
+
+def write(run_dir: Path, res: dict, predictions: dict) -> None:
+    """predictions.json (per example, for paired bootstraps), then result.json: a run is done
+    when result.json exists."""
+    atomic_write_json(run_dir / "predictions.json", {"split": res["metrics"]["eval_split"], **predictions})
+    atomic_write_json(run_dir / "result.json", res)

@@ -20,7 +20,6 @@ import torch
 from peftkit import hardware
 from peftkit.errors import UserError
 from peftkit.estimate.fit import resolve_micro_batch
-from peftkit.io import atomic_write_json, save_safetensors
 from peftkit.log import Progress, RunLog, warn
 from peftkit.model import backbone
 from peftkit.step import distributed as dist, kernels, offload
@@ -264,27 +263,16 @@ class Trainer:
         sd = dist.strategy_state_dict(self.acc, run.model, self.b.strategy) if save else None
         self.model = self.acc.unwrap_model(run.model)
         wall_s = self.b.load_s + time.perf_counter() - run.t_start
-        artifact = self._save_weights(sd) if self.acc.is_main_process else {}
+        artifact = result.save_weights(self.run_dir, sd) if self.acc.is_main_process else {}
         res = result.build(result.Finished(
             built=self.b, acc=self.acc, params=run.params, frozen_cast=run.frozen_cast, state=run.state,
             train_examples=len(run.data["train"]), final=final, measured=run.meters.record(), times=run.times,
-            wall_s=wall_s, artifact=artifact, resumed_from=run.resumed_from,
+            wall_s=wall_s, artifact=artifact, resumed_from=run.resumed_from, rung_of=run.total if run.rung else None,
             micro_batch=self.micro.as_dict() if self.micro else None))
         res["run"]["kernels"] = kernels.report(self.kernels)
-        if run.rung:
-            res["metrics"].update(eval_split="validation", stopped_at=run.state.step, total_steps=run.total)
         if self.acc.is_main_process:
-            atomic_write_json(self.run_dir / "predictions.json", {"split": res["metrics"]["eval_split"], **predictions})
-            atomic_write_json(self.run_dir / "result.json", res)
+            result.write(self.run_dir, res, predictions)
             self.log.close()
             self.track.finish([self.run_dir / "result.json"])
         self.acc.wait_for_everyone()
         return res
-
-    def _save_weights(self, sd) -> dict:
-        if sd is None:
-            return {}
-        path = self.run_dir / "strategy.safetensors"
-        save_safetensors(path, sd)
-        return {"strategy_weights": path.name, "strategy_bytes": path.stat().st_size, "tensors": len(sd)}
-
