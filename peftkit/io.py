@@ -40,12 +40,24 @@ def _fsync_tree(root: Path) -> None:
     fsync_dir(root)
 
 
+def _umask() -> int:
+    # There is no way to read the umask without setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """The one file writer: temporary file, fsync, rename, fsync of the directory."""
+    """The one file writer: temporary file, fsync, rename, fsync of the directory.
+
+    mkstemp makes the file 0600 and the mode survives the rename: it is set to what the
+    user's umask gives a plain ``open()`` (0644 under 022) before the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -94,9 +106,7 @@ def atomic_dir(dest: str | Path, keep_existing: bool = False):
     old = None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
         _fsync_tree(tmp)
         if dest.exists() and keep_existing:
             shutil.rmtree(tmp, ignore_errors=True)
