@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
 def warn(msg: str) -> None:
     print(f"peftkit: warning: {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def quiet_logger(*names: str, level: int = logging.CRITICAL + 1):
+    """Silence libraries' loggers for a block: e.g. ``datasets`` logs a parse failure as an
+    ERROR line before raising it; peftkit reports that failure itself, as one line."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
 
 
 class RunLog:

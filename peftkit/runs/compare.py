@@ -28,8 +28,9 @@ from peftkit.runs import executors as X
 from peftkit import hardware
 from peftkit import recipe as R
 from peftkit.config import Section
-from peftkit.errors import RecipeError
+from peftkit.errors import RecipeError, UserError
 from peftkit.io import atomic_write_json
+from peftkit.log import warn
 from peftkit.runs.search_space import SearchConfig
 
 SCHEMA = "peftkit.compare/1"
@@ -99,7 +100,11 @@ class Run:
     def done(self) -> bool:
         try:
             res = json.loads((self.dir / "result.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if not isinstance(e, FileNotFoundError) and not getattr(self, "_said_unreadable", False):
+                self._said_unreadable = True  # said once, not at every look
+                warn(f"{self.dir / 'result.json'}: unreadable ({e.__class__.__name__}: truncated or edited?); "
+                     "this run is trained again")
             return False
         if res.get("run", {}).get("recipe_hash") != self.hash:
             return False
@@ -126,6 +131,8 @@ def load(path: str | Path) -> CompareRecipe:
 def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> list[Run]:
     """Every (variant, seed) as a validated recipe; all errors found before anything runs."""
     path, out = Path(path), Path(out)
+    if out.exists() and not out.is_dir():  # before anything is planned or written
+        raise UserError(f"--out {out}: exists and is not a directory")
     cr = load(path)
     here = path.parent
 

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError
 from peftkit.config import Section
 
 from peftkit.errors import UserError
-from peftkit.io import atomic_write_json, atomic_write_text
+from peftkit.io import atomic_write_json, atomic_write_text, die_with_parent
 
 try:  # optional (the cluster extra): only the slurm executor needs it
     from submitit.helpers import Checkpointable
@@ -142,7 +142,7 @@ def execute(run: Run, timeout: float | None = None, env: dict | None = None, arg
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env,
-                             preexec_fn=_ignore_preempt_signal if shielded else None)
+                             preexec_fn=die_with_parent(_ignore_preempt_signal if shielded else None))
         _CHILD.append(p)
         try:
             rc = p.wait(timeout=timeout)

@@ -32,6 +32,7 @@ from peftkit.training.progress import live_stats
 from peftkit.strategies import cast_frozen, count_params
 from peftkit.tasks.data import columns
 from peftkit.training.tracking import Tracking
+from peftkit.training import lock as run_lock
 
 SCHEMA = R.SCHEMA
 # A search rung (train.stop_at) only yields a validation score; its selected setting's final run
@@ -193,6 +194,7 @@ class Trainer:
         return m
 
     # -- training -------------------------------------------------------------------------
+    @run_lock.released_after  # the run dir's lock, taken in _setup
     def fit(self) -> dict:
         run = self._setup()
         st, t_train = run.state, time.perf_counter()
@@ -222,6 +224,8 @@ class Trainer:
         data_s = time.perf_counter() - t_start
         for note in b.task.notes():  # truncation, skipped bad rows
             warn(note)
+        # One writer per run dir, held for the run's life (the kernel drops it if this process dies).
+        self.lock = run_lock.acquire(self.run_dir) if acc.is_main_process else None
         ck = Checkpointer(acc, self.run_dir, b.recipe, self.resume)
         resumed = ck.begin()
         if acc.is_main_process:
@@ -380,8 +384,9 @@ class Trainer:
         if sd is None:
             return {}
         path = self.run_dir / "strategy.safetensors"
-        save_safetensors(path, sd)
-        return {"strategy_weights": path.name, "strategy_bytes": path.stat().st_size, "tensors": len(sd)}
+        sha = save_safetensors(path, sd)  # recorded: export, predict and report check the file against it
+        return {"strategy_weights": path.name, "strategy_bytes": path.stat().st_size, "tensors": len(sd),
+                "strategy_sha256": sha}
 
     def _estimate(self, train, total_steps: int) -> dict:
         """The memory estimate at the longest batch this run will train on (known up front)."""
