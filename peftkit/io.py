@@ -52,6 +52,17 @@ def _umask() -> int:
     return mask
 
 
+def _as_umask_allows(root: Path) -> None:
+    """mkdtemp makes the directory private, and libraries writing into it through temporary
+    files (transformers' weight shards) leave them 0600: give the tree the modes a plain
+    ``open()``/``mkdir()`` would have had under the user's umask."""
+    mask = _umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """The one file writer: temporary file, fsync, rename, fsync of the directory.
 
@@ -150,7 +161,7 @@ def atomic_dir(dest: str | Path, keep_existing: bool = False):
     old = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        _as_umask_allows(tmp)
         _fsync_tree(tmp)
         if dest.exists() and keep_existing:
             shutil.rmtree(tmp, ignore_errors=True)

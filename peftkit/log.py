@@ -9,6 +9,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# The `kernels` package (loaded by transformers for bitsandbytes' hub kernel) logs this WARNING on
+# every model load when HF_HUB_OFFLINE is set (as on every offline machine, where it must be): it says
+# nothing the user can act on. Only this message is dropped; the logger's other warnings stay.
+logging.getLogger("kernels._internals.hf_hub").addFilter(_DropMessages("Skipping publisher trust check for "))
+
+
 def warn(msg: str) -> None:
     print(f"peftkit: warning: {msg}", file=sys.stderr, flush=True)
 
