@@ -161,3 +161,18 @@ def test_compare_out_is_a_file(capsys, tmp_path, rec):
     rc, _, err = main(capsys, "compare", str(f), "--out", str(tmp_path / "file"))
     assert rc == 2 and one_error_line(err) == f"peftkit: error: --out {tmp_path / 'file'}: exists and is not a directory"
     assert (tmp_path / "file").read_text() == "x"
+
+
+# -- DeepSpeed ZeRO where it cannot run ----------------------------------------------------------
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_refused_before_launch(capsys, tmp_path, rec, stage):
+    from conftest import ROOT
+
+    r, _ = rec
+    cfg = ROOT / "recipes" / "accelerate" / f"deepspeed-zero{stage}.yaml"
+    rc, _, err = main(capsys, "train", write_recipe(tmp_path / "r.yaml", r), "--out", str(tmp_path / "out"),
+                      "--launcher", "accelerate", "--nproc", "2", "--accelerate-config", str(cfg))
+    line = one_error_line(err)
+    assert rc == 2 and f"--accelerate-config {cfg}: DeepSpeed ZeRO cannot run here: this machine has no CUDA GPU" in line
+    assert not (tmp_path / "out").exists()

@@ -88,6 +88,13 @@ def test_verify_catches_a_different_model(runs, tmp_path, monkeypatch):
     key = next(k for k in sd if k.endswith("attention.self.query.weight"))
     sd[key] = sd[key] + 1e-2 * torch.randn_like(sd[key])
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    from peftkit.io import IntegrityError, sha256_file
+
+    with pytest.raises(IntegrityError, match="model.safetensors: sha256"):
+        E.verify(run, out, verify_examples=16)
+    meta = json.loads((out / "peftkit.json").read_text())  # a consistent export of a different model
+    meta["sha256"]["model.safetensors"] = sha256_file(out / "model.safetensors")
+    (out / "peftkit.json").write_text(json.dumps(meta))
     v = E.verify(run, out, verify_examples=16)
     assert not v["passed"] and v["max_abs_logit_diff"] > 1e-4
     # ... and the CLI exits 1 when a fresh export is over tolerance.
