@@ -77,7 +77,10 @@ class Tracking:
         self.group = os.environ.get(GROUP_ENV) or None
         self.acc = None
         self.failed = False  # a tracker failed mid-run: warned once, the run goes on without trackers
-        check(self.names)  # before the Accelerator, the run dir, any training: fail in one line
+        from peftkit.step.distributed import env_rank
+
+        if env_rank() == 0:  # the process that logs (ranks > 0 must not race to create a sqlite store)
+            check(self.names)  # before the Accelerator, the run dir, any training: fail in one line
 
     def accelerator_kwargs(self) -> dict:
         from accelerate.utils import ProjectConfiguration
@@ -233,6 +236,7 @@ def log_artifacts(name: str, files: list[Path], run=None) -> None:
 def compare_group(name: str, names: set[str], files=lambda: []):
     """Group the runs started inside (subprocesses too) under ``name``; afterwards log
     ``files()`` (the report) to the group: the MLflow parent run, a W&B ``report`` run."""
+    check(sorted(names))  # before any run starts: a tracker that cannot start is one line, not N failed runs
     saved = {k: os.environ.get(k) for k in (GROUP_ENV, PARENT_ENV)}
     os.environ[GROUP_ENV] = name
     client, parent = _mlflow_parent(name) if "mlflow" in names else (None, None)

@@ -193,21 +193,30 @@ def test_mlflow_local_server(tiny_models, sentiment_dir, tmp_path, monkeypatch):
         shutil.rmtree(tmp_path / "art", ignore_errors=True)
 
 
-def test_tracker_that_cannot_start_is_one_line_before_training(tiny_models, sentiment_dir, tmp_path, monkeypatch):
+def test_tracker_that_cannot_start_is_one_line_before_training(tiny_models, sentiment_dir, tmp_path, monkeypatch,
+                                                               capsys):
     """A server that is not there: one line, exit 2, before any run directory exists."""
-    from conftest import run_cli
+    import yaml
+
+    from peftkit import cli
 
     _clean_mlflow_env(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
     d = tiny_recipe(tiny_models["bert"], sentiment_dir, "lora")
     d["output"] = {"report_to": ["mlflow"]}
-    import yaml
-
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
-    p = run_cli("train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), timeout=300)
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert p.returncode == 2, p.stderr
-    assert len(lines) == 1 and lines[0].startswith("peftkit: error: output.report_to: mlflow cannot use http://"), p.stderr
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a real `peftkit` process does this (cli._quiet)
+    capsys.readouterr()
+    try:
+        rc = cli.main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("peftkit: error: output.report_to: mlflow cannot use http://"), err
     assert not (tmp_path / "run").exists()
 
 
@@ -244,3 +253,15 @@ def test_tracker_failing_mid_run_never_loses_the_run(tiny_models, sentiment_dir,
     logged = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "run" / "result.json").read_text())["run"]["recipe_hash"] == res["run"]["recipe_hash"]
+
+
+def test_compare_group_checks_trackers_before_any_run(tmp_path, monkeypatch):
+    from peftkit.training.tracking import TrackerError
+
+    _clean_mlflow_env(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    ran = []
+    with pytest.raises(TrackerError, match="output.report_to: mlflow cannot use http://127.0.0.1"):
+        with compare_group("g", {"mlflow"}):
+            ran.append(1)
+    assert ran == []
