@@ -52,9 +52,9 @@ class _TimedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.step_times: list[float] = []
 
-    def _finish(self, run, rss):
-        self.step_times = list(run.timer.times)
-        return super()._finish(run, rss)
+    def _finish(self, run):
+        self.step_times = list(run.meters.timer.times)
+        return super()._finish(run)
 
 
 def _estimate(mem: dict) -> dict:

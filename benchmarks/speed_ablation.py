@@ -50,17 +50,17 @@ def patch(name: str | None) -> None:
             return {k: ds[k] for k in dict.fromkeys(names)}
         data.columns = base.columns = classification.columns = lazy
     elif name == "no_flops":
-        from peftkit.training import trainer
+        from peftkit.training import meters
 
-        trainer._flop_counter = lambda model: None
+        meters._flop_counter = lambda model: None
     elif name == "no_probe":
         from peftkit.step import memory
 
         memory.StepPeak.around = lambda self, *a, **k: contextlib.nullcontext()
     elif name == "no_estimate":
-        from peftkit.training.trainer import Trainer
+        from peftkit.training.meters import Meters
 
-        Trainer._estimate_safe = lambda self, **kw: {"error": "skipped (speed ablation)"}
+        Meters._estimate = lambda self, **kw: {"error": "skipped (speed ablation)"}
 
 
 def run(args) -> dict:

@@ -97,9 +97,14 @@ def worker_peftkit(spec: dict) -> dict:
         trainer = Trainer(built, d)
         clock = common.StepClock(built.model)
         with measure.PeakRSS() as rss:
+            t_call = time.perf_counter()
             res = trainer.fit()
+            call_s = time.perf_counter() - t_call
         clock.close()
-    out = {"speed": clock.summary(spec["warmup"]), "phases": clock.phases(T_PROCESS),
+    # The training phase a user waits for: the whole fit() call, every step and all the loop does
+    # (estimate, probes, logging) counted; only its final evaluation is left out (HF's train() has none).
+    phases = {**clock.phases(T_PROCESS), "train_call_s": call_s - (res["metrics"]["eval"].get("eval_s") or 0.0)}
+    out = {"speed": clock.summary(spec["warmup"]), "phases": phases,
            "peak_rss_delta_bytes": rss.peak - rss.baseline, "rss_baseline_bytes": rss.baseline, "process_peak_rss_bytes": common.peak_rss_bytes(),
            "policy": pol, "trainer_speed": res["speed"], "trainer_memory": res["memory"]["measured"], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "optimizer": rec.train.optimizer, "trainable_params": res["params"]["trainable"]}
@@ -156,9 +161,11 @@ def worker_hf(spec: dict) -> dict:
                           processing_class=tok)
         clock = common.StepClock(model)
         with measure.PeakRSS() as rss:
+            t_call = time.perf_counter()
             trainer.train()
+            call_s = time.perf_counter() - t_call
         clock.close()
-        out = {"speed": clock.summary(spec["warmup"]), "phases": clock.phases(T_PROCESS),
+        out = {"speed": clock.summary(spec["warmup"]), "phases": {**clock.phases(T_PROCESS), "train_call_s": call_s},
                "peak_rss_delta_bytes": rss.peak - rss.baseline, "rss_baseline_bytes": rss.baseline,
                "process_peak_rss_bytes": common.peak_rss_bytes(), "policy": pol,
                "hf_optim": str(args.optim), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -249,7 +256,9 @@ def summarize(runs: list[dict], acc: list[dict]) -> dict:
             row[name] = {"peftkit": common.spread([get(p) for p, _ in pairs]),
                          "hf": common.spread([get(h) for _, h in pairs]),
                          "ratio": common.spread([get(p) / get(h) if get(h) else None for p, h in pairs])}
-        for name in ("startup_s", "epoch_s", "to_trained_s"):  # HF / peftkit: > 1 = peftkit faster
+        for name in ("train_call_s", "startup_s", "epoch_s", "to_trained_s"):  # HF / peftkit: > 1 = peftkit faster
+            if not all(name in p["phases"] and name in h["phases"] for p, h in pairs):
+                continue  # results written before train_call_s was measured
             row[name] = {"peftkit": common.spread([p["phases"][name] for p, _ in pairs]),
                          "hf": common.spread([h["phases"][name] for _, h in pairs]),
                          "speedup": common.spread([h["phases"][name] / p["phases"][name] for p, h in pairs])}
@@ -278,7 +287,8 @@ def summarize(runs: list[dict], acc: list[dict]) -> dict:
     return out
 
 
-TARGETS = {"identical": 1.5, "defaults": 2.0}  # issue #16: >= 1.5x HF at identical settings
+TARGETS = {"identical": 1.5, "defaults": 2.0}
+CPU_PHASE_TARGET = 1.2  # issue #25: the whole training phase >= 1.2x HF Trainer + peft at identical settings  # issue #16: >= 1.5x HF at identical settings
 POOLER_TEXT = {"train": "trainable in full (peftkit's default; HF `modules_to_save=[classifier, pooler]`)",
                "lora": "LoRA on `pooler.dense` too (HF `target_modules=[query, key, value, dense]`)",
                "frozen": "frozen (peftkit `task.train_pooler=false`; HF `modules_to_save=[classifier]`)"}
@@ -317,6 +327,19 @@ def markdown(data: dict, env: dict) -> str:
             f"{common.fmt(m['hf']['median'] / 2**20, 0)} | {common.fmt(m['ratio']['median'], 2)} | "
             f"{100 * row['padding_frac']['peftkit']['median']:.0f}% / {100 * row['padding_frac']['hf']['median']:.0f}% | "
             f"≥{tgt}× samples/s, ≤1× mem: {met} |")
+    called = {k: v for k, v in data["summary"].items() if "train_call_s" in v}
+    if called:
+        lines += ["", "**The training phase a user waits for** (issue #25's measure): wall time of the tool's train "
+                  "call — peftkit `Trainer.fit()` without its final evaluation, HF `trainer.train()` — every step "
+                  "and everything the loop does counted (set-up inside the call, estimate, probes, logging); "
+                  "median over repetitions, speed-up = HF / peftkit paired by repetition.", "",
+                  "| setting | strategy | training phase peftkit / HF | speed-up | target ≥1.2× |", "|---|---|---|---|---|"]
+        for key, row in called.items():
+            c = row["train_call_s"]
+            met = "met" if c["speedup"]["median"] and c["speedup"]["median"] >= CPU_PHASE_TARGET else "missed"
+            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | {common.fmt(c['peftkit']['median'])} s / "
+                         f"{common.fmt(c['hf']['median'])} s | {common.fmt(c['speedup']['median'], 2)}× "
+                         f"[{common.fmt(c['speedup']['min'], 2)} – {common.fmt(c['speedup']['max'], 2)}] | {met} |")
     timed = {k: v for k, v in data["summary"].items() if "epoch_s" in v}
     if timed:
         lines += ["", "Time a user waits, per run (median over repetitions; speed-up = HF / peftkit, paired by "

@@ -30,9 +30,9 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: dict[str, Any] | 
 
     ``overrides``: ``{"train.lr": 3e-4}`` or CLI-style ``["train.lr=3e-4"]``.
     """
-    from peftkit.runs.compare import _overrides
+    from peftkit.runs.compare import dotted_overrides
 
-    ovr = _overrides(overrides) if isinstance(overrides, dict) else list(overrides or [])
+    ovr = dotted_overrides(overrides) if isinstance(overrides, dict) else list(overrides or [])
     if isinstance(source, Recipe):
         source = source.to_dict()
     if isinstance(source, dict):
@@ -77,22 +77,19 @@ def compare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
     from peftkit.training import tracking
     from peftkit.training.progress import CompareProgress
 
-    runs = C.plan(path, out, overrides)
-    out = Path(out)
-    names = {n for r in runs for n in tracking.resolve(r.recipe.output.report_to)}
-    name = C.load(path).name or Path(path).parent.name or "compare"
-    report_files = [out / f for f in ("report.json", "report.md", "report.html")]
-    with tracking.compare_group(name, names, lambda: report_files), \
-            CompareProgress(out, [r.dir for r in runs], enabled=progress) as live:
+    plan = C.prepare(path, out, overrides, executor=executor, timeout=timeout)  # the one read of the recipe
+    names = {n for r in plan.runs for n in tracking.resolve(r.recipe.output.report_to)}
+    report_files = [plan.out / f for f in ("report.json", "report.md", "report.html")]
+    with tracking.compare_group(plan.name, names, lambda: report_files), \
+            CompareProgress(plan.out, [r.dir for r in plan.runs], enabled=progress) as live:
         shown = live.echo if live.enabled else echo
-        if C.load(path).search is not None:  # each variant at its best setting, chosen on validation
-            from peftkit.runs.search import search
+        if plan.search is not None:  # each variant at its best setting, chosen on validation
+            from peftkit.runs import search
 
-            search(path, out, overrides, timeout=timeout, echo=shown, executor=executor,
-                   progress=live if live.enabled else None)
+            search.run(plan, echo=shown, progress=live if live.enabled else None)
         else:
-            C.compare(path, out, overrides, timeout=timeout, echo=shown, executor=executor)
-    return json.loads((out / "report.json").read_text())
+            C.run(plan, echo=shown)
+    return json.loads((plan.out / "report.json").read_text())
 
 
 def report(path: str | Path, *, screenshot: str | Path | None = None, echo=print) -> dict:

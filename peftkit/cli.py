@@ -37,12 +37,12 @@ def cmd_validate(args) -> int:
         try:
             data = R.read_yaml(f)
             if "variants" in data:  # a compare recipe: every variant × seed is validated
-                runs = compare.plan(f, "/nonexistent", args.set)
-                if data.get("search") is not None:  # every grid point's recipe too
-                    from peftkit.runs.search import plan as search_plan
+                plan = compare.prepare(f, "/nonexistent", args.set)
+                if plan.search is not None:  # every grid point's recipe too
+                    from peftkit.runs.search import trial_plan
 
-                    search_plan(f, Path("/nonexistent"), args.set)
-                print(f"ok   {f}  (compare: {len(runs)} runs)")
+                    trial_plan(plan)
+                print(f"ok   {f}  (compare: {len(plan.runs)} runs)")
                 continue
             if "distributed_type" in data or "compute_environment" in data:
                 print(f"skip {f}  (an accelerate config, not a recipe)")
@@ -137,8 +137,7 @@ def cmd_predict(args) -> int:
             raise UserError(f"--json-input: not JSON ({e})") from None
     pred = Predictor.load(args.path)
     preds = pred.predict(inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    # Classification echoes the input as "text"; generated tasks return their own "text".
-    key = "text" if pred.kind == "classification" else "input"
+    key = pred.task.echo_key  # classification echoes the input as "text"; generated tasks return their own
     rows = [{key: x, **p} for x, p in zip(inputs, preds)]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -189,9 +188,9 @@ def cmd_estimate(args) -> int:
 
 def cmd_compare(args) -> int:
     from peftkit import api
+    from peftkit.runs import executors
 
-    flags = {k: getattr(args, k) for k in ("parallel", "partition", "gpus_per_run", "cpus_per_run", "address",
-                                           "launcher", "nproc", "accelerate_config")}
+    flags = {k: getattr(args, k) for k in executors.cli_flags()}
     report = api.compare(args.recipe, args.out, args.overrides, timeout=args.timeout,
                          executor={"name": args.executor, **flags})
     return 1 if report["failed"] else 0
@@ -206,17 +205,13 @@ def cmd_report(args) -> int:
 
 def _executor_flags(c) -> None:
     """Where compare's runs execute; each flag overrides the compare recipe's ``executor:`` section."""
+    from peftkit.runs import executors  # the registry: its names and each executor's options
+
     g = c.add_argument_group("executor (default: the recipe's executor: section, else local, one at a time)")
-    g.add_argument("--executor", choices=["local", "slurm", "ray"], help="local processes, a SLURM job array "
-                   "(submitit), or Ray tasks")
-    g.add_argument("--parallel", type=int, help="runs at once (local: each gets its share of CPUs or its own GPUs)")
-    g.add_argument("--gpus-per-run", type=int, help="GPUs per run (local default: the visible GPUs / --parallel)")
-    g.add_argument("--cpus-per-run", type=int, help="CPU threads per run")
-    g.add_argument("--partition", help="slurm partition")
-    g.add_argument("--address", help="ray cluster address (default: a local Ray instance)")
-    g.add_argument("--launcher", choices=["none", "torchrun", "accelerate"], help="each run over --nproc processes")
-    g.add_argument("--nproc", type=int, help="processes per run for --launcher")
-    g.add_argument("--accelerate-config", help="accelerate config file for --launcher accelerate")
+    said = [f"{n}: {(e.__doc__ or '').strip().splitlines()[0].rstrip('.')}" for n, e in executors.REGISTRY.items()]
+    g.add_argument("--executor", choices=list(executors.REGISTRY), help="where the runs execute: " + "; ".join(said))
+    for field, kw in executors.cli_flags().items():
+        g.add_argument("--" + field.replace("_", "-"), dest=field, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,12 @@ class ModelConfig(Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # 4-bit layers; auto: train.precision's (hardware.py)
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # auto: flash_attention_4 on Hopper/Blackwell with flash-attn-4, flash_attention_2 with flash-attn, else sdpa
+    attn_implementation: Literal["auto", "flash_attention_4", "flash_attention_2", "sdpa", "eager"] = "auto"
+    # fused Triton kernels (peftkit/step/kernels.py); auto: liger for CUDA causal LMs it covers, else none
+    kernels: Literal["auto", "none", "liger"] = "auto"
+    # blocks: torch.compile on each decoder block (one graph reused: short compile); none: eager
+    compile: Literal["none", "blocks"] = "none"
     gradient_checkpointing: bool = False
     # auto: under bf16/fp16 autocast, frozen linear weights are stored once in that dtype
     # (autocast's per-step re-cast becomes a no-op; half their memory); keep: as loaded
@@ -57,6 +62,10 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1)  # steps; None = only at the end
     eval_split: Literal["validation", "test"] = "test"  # split reported in metrics.eval
     log_every: int = Field(10, ge=1)
+    # also write every step's loss, real-token count and gradient norm to log.jsonl (records with
+    # step_loss / step_tokens / grad_norm); they are read from the device with the log_every
+    # records, so this adds no per-step device sync
+    log_step_values: bool = False
     num_workers: int = Field(0, ge=0)
     compile: bool = False
     # round each training batch's padded length up to a multiple (peftkit/bucket.py): fewer
@@ -121,7 +130,7 @@ class Recipe(Section):
             scls = strategies.REGISTRY.get(sname)
             model = dict(data.get("model") or {})
             if model.get("quantization") is None:
-                model["quantization"] = getattr(scls, "default_quantization", "none")
+                model["quantization"] = scls.default_quantization if scls else "none"
                 data = {**data, "model": model}
         return data
 

@@ -141,12 +141,12 @@ def test_report_on_truncated_result(capsys, tmp_path):
     assert not (out / "report.json").exists()
 
 
-def test_compare_says_it_retrains_a_truncated_result(tmp_path, capsys):
-    from peftkit.runs.compare import Run
+def test_compare_says_it_retrains_a_truncated_result(tmp_path, capsys, rec):
+    from peftkit import recipe as R
+    from peftkit.runs.spec import RunSpec
 
     out, d = _fake_compare_dir(tmp_path)
-    run = Run.__new__(Run)
-    run.dir, run.hash = d, "x"
+    run = RunSpec("lora", 0, R.from_dict(rec[0]), d)
     assert run.done() is False and run.done() is False
     err = capsys.readouterr().err
     assert err.count("unreadable") == 1 and f"{d / 'result.json'}: unreadable (JSONDecodeError" in err

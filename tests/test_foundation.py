@@ -100,7 +100,7 @@ def test_quantized_head_stays_out_of_4bit(tiny_models, sentiment_dir):
 def test_length_grouped_batches_longest_first_and_a_permutation():
     import random
 
-    from peftkit.training.trainer import length_grouped_batches
+    from peftkit.training.batches import length_grouped_batches
 
     rng = random.Random(1)
     lengths = [rng.randint(1, 200) for _ in range(1000)]

@@ -29,7 +29,7 @@ import torch
 from peftkit.model import backbone
 from peftkit.estimate import fakes
 from peftkit import hardware, strategies, tasks
-from peftkit.step import memory, offload
+from peftkit.step import kernels, memory, offload
 from peftkit.errors import UserError
 
 
@@ -81,7 +81,7 @@ def fake_model(recipe, config, task, device: str):
     dtype, cdt = backbone.DTYPES[mc.dtype], backbone.DTYPES[mc.compute_dtype]
     quant = mc.quantization or "none"
     attn = backbone.attention_impl(mc.attn_implementation, dtype if quant == "none" else cdt)
-    if device == "cuda" and attn in ("sdpa", "flash_attention_2"):
+    if device == "cuda" and (attn == "sdpa" or attn in kernels.VARLEN):
         attn = fakes.flash_attention_name()
     auto = task.auto_class()
     # Built and adapted on the meta device (peft moves modules, which fake tensors refuse).
@@ -128,12 +128,12 @@ def _warm_optimizer(model, tc):
     return opt
 
 
-def _step(model, opt, batch: dict, micro: int, tc, task) -> None:
+def _step(model, opt, batch: dict, micro: int, tc, loss_fn) -> None:
     amp = tc.precision in ("bf16", "fp16")
     for _ in range(micro):
         with (torch.autocast("cpu", dtype=backbone.DTYPES[tc.precision], enabled=amp),
               offload.hooks(simulated=True) if tc.activation_offloading else nullcontext()):
-            loss = task.train_loss(model, batch)
+            loss = loss_fn(model, batch)
         loss.backward()
         del loss
     if tc.max_grad_norm:
@@ -224,7 +224,10 @@ class _FakeRun:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self.tc, self.target, self.task = recipe.train, target, task
-        self.model, self.auto_name, qlinears = fake_model(recipe, copy.deepcopy(config), task, target)
+        with kernels.stock():  # Liger's RoPE (module-level, Triton) cannot run on fake CPU tensors
+            self.model, self.auto_name, qlinears = fake_model(recipe, copy.deepcopy(config), task, target)
+        self.fused_loss = _fused_loss(recipe, self.model, target)
+        self.padding_free = kernels.padding_free(recipe, _attn_chosen(recipe), target)[0]
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         with self.mode:
             _to_fake(self.model)
@@ -241,16 +244,53 @@ class _FakeRun:
         with self.mode:
             tracker = memory.LiveMemory(round_to=fakes.BLOCK_ROUND if self.target == "cuda" else 1)
             handles = memory.track_state(tracker, self.model, self.opt)
-            fb = _fake_batch(self.auto_name, batch, seq, self.tc.padding_free)
+            fb = _fake_batch(self.auto_name, batch, seq, self.padding_free)
             try:
-                with tracker:
-                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc, self.task)
+                with tracker, kernels.stock():
+                    _step(self.model, self.opt, fb, min(self.tc.grad_accum, 2), self.tc, self._loss(batch * seq))
             finally:
                 for h in handles:
                     h.remove()
         peak = tracker.summary()
         return {**copy.deepcopy(self.static), "at_peak": peak["at_peak"], "peak_bytes": peak["peak_bytes"],
                 "phases": peak["phases"]}
+
+    def _loss(self, tokens: int):
+        """The training loss as it runs: Liger's fused linear cross-entropy never builds the logits;
+        its stand-in is the chunked loss (chunked_loss.py) at Liger's chunk size: hidden states
+        kept, one chunk's logits at a time. Not modelled: Liger's input-gradient buffer
+        (tokens x hidden, allocated in forward) and, when the output layer trains, its weight
+        gradient allocated in forward rather than in backward."""
+        if not self.fused_loss:
+            return self.task.train_loss
+        from peftkit.step.chunked_loss import causal_lm_loss
+
+        c = self.model.config
+        chunk = kernels.fused_loss_chunk(tokens, c.hidden_size, c.vocab_size)
+        return lambda model, batch: causal_lm_loss(model, batch, chunk)
+
+
+def _attn_chosen(recipe) -> str:
+    """The attention implementation the run picks here (the trace itself runs a stand-in)."""
+    mc = recipe.model
+    dtype = backbone.DTYPES[mc.dtype if (mc.quantization or "none") == "none" else mc.compute_dtype]
+    return backbone.attention_impl(mc.attn_implementation, dtype)
+
+
+def _fused_loss(recipe, model, target: str) -> bool:
+    """Whether the run's loss is Liger's fused one (decided as model.backbone.load decides it)."""
+    if getattr(recipe.task, "loss_chunk_tokens", None):  # the chunked loss runs instead, traced as is
+        return False
+    try:
+        use, _ = kernels.liger_choice(recipe.model.kernels, getattr(model.config, "model_type", None),
+                                      kernels.is_causal_lm(_inner(model)), target)
+    except UserError:
+        return False  # the run itself refuses this recipe; the estimate shows the stock loss
+    return use
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _tokenizer(mc):

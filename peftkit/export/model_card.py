@@ -10,13 +10,10 @@ import json
 import re
 from pathlib import Path
 
+from peftkit import tasks
 from peftkit.errors import UserError
 from peftkit.io import atomic_write_text
 
-PIPELINE = {"classification": "text-classification", "token_classification": "token-classification",
-            "causal_lm": "text-generation", "seq2seq": "text2text-generation"}
-AUTO = {"classification": "AutoModelForSequenceClassification", "token_classification": "AutoModelForTokenClassification",
-        "causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}
 # Builtin weights are copies of these Hub models.
 HUB_IDS = {"builtin:minilm": "sentence-transformers/all-MiniLM-L6-v2",
            "builtin:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -29,17 +26,26 @@ def hub_id(name: str) -> str | None:
     return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else None
 
 
+def task_class(result: dict) -> type[tasks.Task]:
+    """The task kind of a run (its pipeline tag and Auto class are the kind's own declarations)."""
+    kind = result["run"]["recipe"]["task"]["kind"]
+    if kind not in tasks.REGISTRY:
+        raise UserError(f"model card: task kind '{kind}' of this run is not known to this peftkit "
+                        f"(known: {', '.join(tasks.REGISTRY)})")
+    return tasks.REGISTRY[kind]
+
+
 def card_data(summary: dict, result: dict):
     from huggingface_hub import EvalResult, ModelCardData
 
     rec = result["run"]["recipe"]
     kind = rec["task"]["kind"]
-    pipeline = PIPELINE.get(kind)
+    pipeline = task_class(result).pipeline_tag
     ev = {k: v for k, v in (result.get("metrics", {}).get("eval") or {}).items()
           if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("eval_") and k != "examples"}
     source = (rec["task"].get("data") or {}).get("source") or "local files"
     split = result.get("metrics", {}).get("eval_split")
-    evals = [EvalResult(task_type=pipeline or kind, dataset_type=source, dataset_name=rec.get("name") or source,
+    evals = [EvalResult(task_type=pipeline, dataset_type=source, dataset_name=rec.get("name") or source,
                         dataset_split=split, metric_type=k, metric_value=v) for k, v in ev.items()]
     v = summary.get("verify")
     peft_format = not summary.get("merged") and summary.get("format") == "peft"
@@ -68,9 +74,10 @@ def _body(summary: dict, result: dict) -> str:
               f"{'Passed' if v['passed'] else 'FAILED'} on {v['examples']} examples: max |Δlogit| "
               f"{v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']['max_abs_logit_diff']:.0e}), "
               f"argmax agreement {100 * v['argmax_agreement']:.1f}%.")
-    load = (f"from transformers import AutoTokenizer, {AUTO.get(kind, 'AutoModel')}\n\n"
+    auto = task_class(result).auto_class_name
+    load = (f"from transformers import AutoTokenizer, {auto}\n\n"
             f'tokenizer = AutoTokenizer.from_pretrained("REPO_OR_DIR")\n'
-            f'model = {AUTO.get(kind, "AutoModel")}.from_pretrained("REPO_OR_DIR")') if summary.get("merged") else (
+            f'model = {auto}.from_pretrained("REPO_OR_DIR")') if summary.get("merged") else (
             'from peftkit.export.predict import Predictor  # adapter-only export: rebuilt from its recipe.yaml\n\n'
             'print(Predictor.load("DIR").predict(["an example input"]))')
     return (f"# {rec.get('name') or 'peftkit model'} ({strat['name']})\n\n"

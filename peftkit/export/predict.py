@@ -30,14 +30,15 @@ from peftkit.io import read_json
 from peftkit.training.rundir import EXPORT_JSON, RECIPE, check_weights, load_trained
 from peftkit.tasks.generation import GenerationTask
 
-# transformers model class suffix -> task kind, for directories peftkit did not write.
-KIND_BY_CLASS = {
-    "ForSequenceClassification": "classification",
-    "ForTokenClassification": "token_classification",
-    "ForCausalLM": "causal_lm",
-    "LMHeadModel": "causal_lm",  # GPT2LMHeadModel and kin
-    "ForConditionalGeneration": "seq2seq",  # encoder-decoders only (checked on the config)
-}
+
+def kind_by_class() -> dict[str, str]:
+    """transformers model class suffix -> task kind (each kind's ``model_classes``, subject to its
+    ``claims(config)``), for directories peftkit did not write; the first registered kind has a suffix."""
+    out: dict[str, str] = {}
+    for kind, cls in tasks.REGISTRY.items():
+        for suffix in cls.model_classes:
+            out.setdefault(suffix, kind)
+    return out
 
 
 class Predictor:
@@ -65,11 +66,11 @@ class Predictor:
             check_weights(p, name)
         config = transformers.AutoConfig.from_pretrained(p)
         arch = (config.architectures or [""])[0]
-        kind = meta.get("task") or next((k for s, k in KIND_BY_CLASS.items() if arch.endswith(s)), None)
-        if kind == "seq2seq" and not meta and not getattr(config, "is_encoder_decoder", False):
-            kind = None  # e.g. a vision-language decoder named ...ForConditionalGeneration
+        by_class = kind_by_class()
+        kind = meta.get("task") or next((k for s, k in by_class.items()
+                                         if arch.endswith(s) and tasks.REGISTRY[k].claims(config)), None)
         if kind is None or not hasattr(transformers, arch):
-            raise UserError(f"{p}: cannot tell the task of model class '{arch}' (known: {', '.join(KIND_BY_CLASS)})")
+            raise UserError(f"{p}: cannot tell the task of model class '{arch}' (known: {', '.join(by_class)})")
         model = getattr(transformers, arch).from_pretrained(p, dtype="auto")
         tokenizer = transformers.AutoTokenizer.from_pretrained(p)
         if tokenizer.pad_token is None:

@@ -68,17 +68,67 @@ def resolve(name: str) -> str:
     return name  # a hub id: needs a network (or a populated HF cache)
 
 
-def attention_impl(requested: str, dtype: torch.dtype) -> str:
-    """auto = FlashAttention-2 with CUDA + flash-attn + a half dtype, else SDPA."""
+# What each FlashAttention implementation needs: transformers' name -> (pip distribution, min CUDA capability).
+# flash-attn 2 and flash-attn-4 both install the ``flash_attn`` module (FA2 even ships a ``cute`` folder),
+# so availability is decided by the installed distribution's name, as transformers itself does.
+FLASH = {"flash_attention_4": ("flash-attn-4", 9), "flash_attention_2": ("flash-attn", 8)}
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata as md
+
+    return dist in {d.replace("_", "-").lower() for d in md.packages_distributions().get("flash_attn", [])}
+
+
+def _registered(name: str) -> bool:
+    """transformers knows ``name`` (flash_attention_4 arrived in 5.x; older releases lack it)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    return name in AttentionInterface._global_mapping
+
+
+def flash_missing(name: str) -> str | None:
+    """Why FlashAttention ``name`` cannot run here (None: it can)."""
+    dist, cc = FLASH[name]
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU and none is visible"
+    if torch.cuda.get_device_capability()[0] < cc:
+        return f"it needs CUDA compute capability >= {cc}.0, this GPU has {'.'.join(map(str, torch.cuda.get_device_capability()))}"
+    if importlib.util.find_spec("flash_attn") is None or not _installed(dist):
+        return f"the '{dist}' package is not installed (pip install 'peftkit[flash]' or pip install {dist})"
+    if not _registered(name):
+        import transformers
+
+        return f"transformers {transformers.__version__} does not know '{name}'; upgrade transformers"
+    return None
+
+
+def attention_choice(requested: str, dtype: torch.dtype) -> tuple[str, str]:
+    """(implementation, why). auto: FA4 on Hopper/Blackwell, else FA2, else SDPA (half dtypes only:
+    the flash kernels have no fp32 path)."""
     if requested != "auto":
-        return requested
-    if (
-        torch.cuda.is_available()
-        and importlib.util.find_spec("flash_attn") is not None
-        and dtype in (torch.float16, torch.bfloat16)
-    ):
-        return "flash_attention_2"
-    return "sdpa"
+        return requested, "model.attn_implementation"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa", f"auto: {str(dtype).removeprefix('torch.')} weights (FlashAttention needs bf16/fp16)"
+    tried = []
+    for name in FLASH:
+        why = flash_missing(name)
+        if why is None:
+            return name, f"auto: {FLASH[name][0]} installed, CUDA capability {'.'.join(map(str, torch.cuda.get_device_capability()))}"
+        tried.append(f"not {name}: {why}")
+    return "sdpa", "auto: " + "; ".join(tried)
+
+
+def attention_impl(requested: str, dtype: torch.dtype) -> str:
+    return attention_choice(requested, dtype)[0]
+
+
+def check_attention(requested: str) -> None:
+    """An explicitly requested FlashAttention that cannot run: one line naming the key and the package."""
+    if requested in FLASH and (why := flash_missing(requested)) is not None:
+        dist, cc = FLASH[requested]
+        raise UserError(f"model.attn_implementation: {requested} needs the '{dist}' package (pip install {dist}) "
+                        f"and a CUDA GPU of compute capability >= {cc}.0; here {why}")
 
 
 def quantization_config(mc, skip: list[str]):
@@ -128,7 +178,8 @@ def load(mc, task, tokenizer=None) -> Loaded:
     tokenizer = tokenizer or load_tokenizer(mc)
     path = resolve(mc.name)
     dtype = DTYPES[mc.dtype]
-    attn = attention_impl(mc.attn_implementation, dtype if mc.quantization == "none" else DTYPES[mc.compute_dtype])
+    check_attention(mc.attn_implementation)
+    attn, attn_why = attention_choice(mc.attn_implementation, dtype if mc.quantization == "none" else DTYPES[mc.compute_dtype])
     auto = task.auto_class()
     kwargs = dict(task.model_kwargs())
     qc = quantization_config(mc, list(task.head_names))
@@ -153,6 +204,9 @@ def load(mc, task, tokenizer=None) -> Loaded:
         no_cpu_repacking(model)
     if mc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from peftkit.step import kernels
+
+    fused = kernels.apply_liger(model, mc.kernels, _device_type())
     info = {
         "name": mc.name,
         "path": path,
@@ -161,6 +215,8 @@ def load(mc, task, tokenizer=None) -> Loaded:
         "dtype": mc.dtype,
         "quantization": mc.quantization,
         "attn_implementation": getattr(model.config, "_attn_implementation", attn),
+        "attn_reason": attn_why,
+        "kernels": fused,
     }
     return Loaded(model, tokenizer, info)
 
@@ -180,3 +236,14 @@ def _device_for_quantized() -> str | int:
     from peftkit.step.distributed import quantized_device
 
     return quantized_device()
+
+
+def _device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_line(info: dict) -> str:
+    """Which attention and fused kernels run, and why: for the run's first log line."""
+    k = info["kernels"]
+    return (f"attention {info['attn_implementation']} ({info['attn_reason']}); "
+            f"kernels {k['used']} ({k['reason']})")

@@ -18,20 +18,21 @@ A variant's recipe = (its ``recipe`` file or the base) + the shared ``set`` + it
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from peftkit.runs import executors as X
 from peftkit import hardware
 from peftkit import recipe as R
 from peftkit.config import Section
 from peftkit.errors import RecipeError, UserError
 from peftkit.io import atomic_write_json
-from peftkit.log import warn
+from peftkit.runs import executors as X
 from peftkit.runs.search_space import SearchConfig
+from peftkit.runs.spec import RunSpec
 
 SCHEMA = "peftkit.compare/1"
 # Keys every variant must share: same data, same order, same budget, same evaluation.
@@ -52,7 +53,9 @@ class CompareRecipe(Section):
     seeds: list[int] = Field(default=[0], min_length=1)
     variants: list[Variant] = Field(min_length=1)
     search: SearchConfig | None = None  # per-variant lr (and other keys) chosen on validation
-    executor: X.ExecutorSection = X.ExecutorSection()  # where the runs execute (CLI flags override it)
+    # Where the runs execute (CLI flags override it): validated by the named executor's Config
+    # (peftkit.runs.executors.REGISTRY) when the comparison is planned.
+    executor: dict[str, Any] = {}
 
     @field_validator("variants")
     @classmethod
@@ -64,14 +67,35 @@ class CompareRecipe(Section):
         return v
 
 
-def _yaml_value(v) -> str:
+@dataclass(frozen=True)
+class ComparePlan:
+    """A compare recipe read and checked once: every run, where they execute; what api, compare
+    and search pass down (nothing below reads the file again)."""
+
+    path: Path  # the compare recipe file (messages, compare.json)
+    recipe: CompareRecipe
+    out: Path
+    runs: tuple[RunSpec, ...]
+    executor: X.ExecutorConfig  # the recipe's executor: section with the CLI's flags over it
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name or self.path.parent.name or "compare"
+
+    @property
+    def search(self) -> SearchConfig | None:
+        return self.recipe.search
+
+
+def yaml_value(v) -> str:
     """A value as YAML text that parses back to itself (``5.0e-05``, not ``5e-05``)."""
     text = yaml.safe_dump(v, default_flow_style=True, width=10**9).strip()
     return text.removesuffix("...").strip()
 
 
-def _overrides(d: dict) -> list[str]:
-    return [f"{k}={_yaml_value(v)}" for k, v in d.items()]
+def dotted_overrides(d: dict) -> list[str]:
+    """``{"train.lr": 5e-5}`` as the CLI's override strings ``["train.lr=5.0e-05"]``."""
+    return [f"{k}={yaml_value(v)}" for k, v in d.items()]
 
 
 def _first_diff(a, b, path: str) -> tuple[str, Any, Any] | None:
@@ -90,31 +114,6 @@ def _get(d: dict, dotted: str):
     return d
 
 
-class Run:
-    def __init__(self, variant: str, seed: int, recipe: R.Recipe, out: Path, requested_precision: str = "auto"):
-        self.variant, self.seed, self.recipe = variant, seed, recipe
-        self.requested_precision = requested_precision
-        self.dir = out / variant / f"seed{seed}"
-        self.hash = recipe.hash()
-
-    def done(self) -> bool:
-        try:
-            res = json.loads((self.dir / "result.json").read_text())
-        except (OSError, ValueError) as e:
-            if not isinstance(e, FileNotFoundError) and not getattr(self, "_said_unreadable", False):
-                self._said_unreadable = True  # said once, not at every look
-                warn(f"{self.dir / 'result.json'}: unreadable ({e.__class__.__name__}: truncated or edited?); "
-                     "this run is trained again")
-            return False
-        if res.get("run", {}).get("recipe_hash") != self.hash:
-            return False
-        # train.stop_at is not hashed (a search rung continues the same run): done = trained that far.
-        m, stop = res.get("metrics") or {}, self.recipe.train.stop_at
-        if stop is None:
-            return "stopped_at" not in m
-        return m.get("stopped_at") == self.recipe.train.stop_step(m.get("total_steps") or 0)
-
-
 def load(path: str | Path) -> CompareRecipe:
     data = R.read_yaml(path)
     try:
@@ -128,26 +127,24 @@ def load(path: str | Path) -> CompareRecipe:
         raise RecipeError(f"{path}: " + "; ".join(msgs)) from None
 
 
-def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> list[Run]:
+def _runs(path: Path, cr: CompareRecipe, out: Path, overrides: list[str] | None) -> list[RunSpec]:
     """Every (variant, seed) as a validated recipe; all errors found before anything runs."""
-    path, out = Path(path), Path(out)
-    if out.exists() and not out.is_dir():  # before anything is planned or written
-        raise UserError(f"--out {out}: exists and is not a directory")
-    cr = load(path)
-    here = path.parent
+    files: dict[str, dict] = {}  # each base/variant file read once
 
     def source(rel: str | dict | None, what: str) -> dict:
         if isinstance(rel, dict):
             return rel
         if rel is None:
             raise RecipeError(f"{path}: {what}: needs a 'recipe' file or a top-level 'base'")
-        return R.read_yaml(here / rel)
+        if rel not in files:
+            files[rel] = R.read_yaml(path.parent / rel)
+        return files[rel]
 
     runs, first = [], {}
     for v in cr.variants:
         base = source(v.recipe if v.recipe is not None else cr.base, f"variant '{v.name}'")
         for seed in cr.seeds:
-            ovr = _overrides(cr.set) + _overrides(v.set) + (overrides or []) + [f"train.seed={seed}"]
+            ovr = dotted_overrides(cr.set) + dotted_overrides(v.set) + (overrides or []) + [f"train.seed={seed}"]
             try:
                 rec = R.from_dict(R.apply_overrides(base, ovr), f"{path} variant '{v.name}'")
             except RecipeError as e:
@@ -163,16 +160,33 @@ def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) 
                         f"{path}: variant '{v.name}': {diff[0]}={diff[1]!r} differs from variant '{ref[0]}' "
                         f"({diff[2]!r}); a comparison needs the same data, order, budget and evaluation: "
                         f"set it in the top-level 'set'")
-            runs.append(Run(v.name, seed, rec, out, requested))
+            runs.append(RunSpec(v.name, seed, rec, out / v.name / f"seed{seed}", requested))
     return runs
 
 
-def execute(run: Run, timeout: float | None = None) -> dict | None:
-    """Train one run in a fresh process here. None on success, else the error record (also written)."""
-    return X.execute(run, timeout)["error"]
+def prepare(path: str | Path, out: str | Path, overrides: list[str] | None = None, *,
+            executor: dict | None = None, timeout: float | None = None) -> ComparePlan:
+    """The compare recipe read once: its runs and its executor (``executor``: CLI flags over the recipe's
+    ``executor:`` section, None values ignored; ``timeout``: seconds per run). Every error before any run."""
+    path, out = Path(path), Path(out)
+    if out.exists() and not out.is_dir():  # before anything is planned or written
+        raise UserError(f"--out {out}: exists and is not a directory")
+    cr = load(path)
+    try:
+        X.config(cr.executor)  # the recipe's own section, named as the recipe's mistake
+    except UserError as e:
+        raise RecipeError(f"{path}: {e}") from None
+    flags = {**(executor or {}), **({"timeout_s": timeout} if timeout is not None else {})}
+    return ComparePlan(path, cr, out, tuple(_runs(path, cr, out, overrides)), X.resolve(cr.executor, flags))
 
 
-def record_runs(out: Path, path, runs: list[Run], ex: X.ExecutorSection, outcomes=None) -> None:
+def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> list[RunSpec]:
+    """Every (variant, seed) of a compare recipe as a validated run (see :func:`prepare`)."""
+    return list(prepare(path, out, overrides).runs)
+
+
+def record_runs(plan: ComparePlan, runs: list[RunSpec], outcomes=None) -> None:
+    out, ex = plan.out, plan.executor
     done = {str(o.dir): o for o in outcomes or []}
     try:  # a skipped run keeps where and how it ran the last time
         before = {x["dir"]: x.get("execution") for x in json.loads((out / "compare.json").read_text())["runs"]}
@@ -189,40 +203,36 @@ def record_runs(out: Path, path, runs: list[Run], ex: X.ExecutorSection, outcome
             row["execution"] = before[row["dir"]]
         rows.append(row)
     atomic_write_json(out / "compare.json", {
-        "schema": SCHEMA, "compare_recipe": str(path), "variants": list(dict.fromkeys(r.variant for r in runs)),
-        "precision": hardware.resolve(runs[0].requested_precision).record(),
+        "schema": SCHEMA, "compare_recipe": str(plan.path), "variants": list(dict.fromkeys(r.variant for r in runs)),
+        "precision": hardware.resolve(plan.runs[0].requested_precision).record(),
         "executor": ex.model_dump(exclude_defaults=True) | {"name": ex.name, "parallel": ex.parallel}, "runs": rows})
 
 
-def executor_options(path, timeout: float | None = None, executor: dict | None = None) -> X.ExecutorSection:
-    """The recipe's ``executor:`` section with CLI flags (None values ignored) over it."""
-    flags = {k: v for k, v in (executor or {}).items() if v is not None}
-    flags |= {"timeout_s": timeout} if timeout is not None else {}
-    return X.options(**(load(path).executor.model_dump() | flags))
+def run(plan: ComparePlan, echo=print) -> int:
+    """Train every run of the plan not yet done through its executor, then report; 1 if any failed."""
+    pool = X.create(plan.executor)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    record_runs(plan, list(plan.runs))
+    outcomes = pool.run(plan.runs, echo=echo)
+    record_runs(plan, list(plan.runs), outcomes)
+    echo(X.summary(outcomes, primary_metrics(outcomes)))
+    from peftkit.report.summary import report
+
+    report(plan.out, echo=echo)
+    failed = sum(o.status == "failed" for o in outcomes)
+    if failed:
+        echo(f"{failed} of {len(plan.runs)} run(s) failed")
+    return 1 if failed else 0
 
 
 def compare(path: str | Path, out: str | Path, overrides: list[str] | None = None, timeout: float | None = None,
             echo=print, executor: dict | None = None) -> int:
-    """``executor``: options over the recipe's ``executor:`` section (CLI flags; None values ignored)."""
-    runs = plan(path, out, overrides)
-    ex = executor_options(path, timeout, executor)
-    pool = X.from_options(**ex.model_dump())
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    record_runs(out, path, runs, ex)
-    outcomes = pool.run(runs, echo=echo)
-    record_runs(out, path, runs, ex, outcomes)
-    echo(X.summary(outcomes, _metrics(outcomes)))
-    from peftkit.report.summary import report
-
-    report(out, echo=echo)
-    failed = sum(o.status == "failed" for o in outcomes)
-    if failed:
-        echo(f"{failed} of {len(runs)} run(s) failed")
-    return 1 if failed else 0
+    """:func:`run` of a compare recipe file. ``executor``: options over the recipe's ``executor:`` section
+    (CLI flags; None values ignored)."""
+    return run(prepare(path, out, overrides, executor=executor, timeout=timeout), echo)
 
 
-def _metrics(outcomes: list[X.Outcome]) -> list[str]:
+def primary_metrics(outcomes: list[X.Outcome]) -> list[str]:
     """Each run's primary metric, for the summary table ('' when it has no result)."""
     from peftkit.report.summary import primary
 

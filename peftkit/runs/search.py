@@ -38,20 +38,24 @@ import os
 import shutil
 from pathlib import Path
 
+from peftkit import recipe as R
 from peftkit.errors import RecipeError
 from peftkit.io import atomic_write_json
+from peftkit.runs import compare as C
+from peftkit.runs import executors as X
 from peftkit.runs.search_space import (
-    DEFAULT_LR,
     LOWER_IS_BETTER,
     LogGrid,
     SearchConfig,
     Space,
-    _label,
     beyond_edge,
     cost,
+    point_label,
     points,
     rungs,
 )
+from peftkit.runs.spec import RunSpec
+from peftkit.runs.trials import TrialBatch, groups
 
 SCHEMA = "peftkit.search/1"
 
@@ -98,26 +102,19 @@ def write_state(out: Path, state: dict) -> None:
 class Trial:
     """One grid point of one variant (first seed): an ordinary run dir, trained rung by rung."""
 
-    def __init__(self, base, point: dict, out: Path):
-        from peftkit import recipe as R
-        from peftkit.runs.compare import _overrides
-
-        self.base, self.point, self.label = base, point, _label(point)
+    def __init__(self, base: RunSpec, point: dict, out: Path):
+        self.base, self.point, self.label = base, point, point_label(point)
         where = f"search point {self.label} of variant '{base.variant}'"
-        self.recipe = R.from_dict(R.apply_overrides(base.recipe.to_dict(), _overrides(point)), where)
+        self.recipe = R.from_dict(R.apply_overrides(base.recipe.to_dict(), C.dotted_overrides(point)), where)
         self.hash = self.recipe.hash()
         self.out = out
         self.dir = out / base.variant / "search" / self.label / f"seed{base.seed}"
         self.error: str | None = None
 
-    def run(self, frac: float):
-        from peftkit import recipe as R
-        from peftkit.runs.compare import Run
-
+    def run(self, frac: float) -> RunSpec:
+        """This grid point trained up to ``frac`` of the budget, in its own run dir."""
         rec = R.from_dict(R.apply_overrides(self.recipe.to_dict(), [f"train.stop_at={frac!r}"]))
-        run = Run(self.base.variant, self.base.seed, rec, self.dir.parent.parent)
-        run.dir = self.dir
-        return run
+        return self.base.with_recipe(rec, self.dir)
 
     def rung_file(self, frac: float) -> Path:
         return self.dir / f"rung-{frac:g}.json"
@@ -160,15 +157,13 @@ class Trial:
 
 
 def _run_all(runs: list, pool, echo=print) -> list[dict | None]:
-    """Train runs through the compare's executor (peftkit.runs.executors); per run None or its error record."""
+    """Train jobs (runs or trial batches) through the compare's executor; per job None or its error record."""
     return [o.error if o.status == "failed" else None for o in pool.run(runs, echo=echo)]
 
 
 def _train_trials(runs: list, pool, ex, folder: Path, title: str, echo) -> list[dict | None]:
     """A rung's trial runs, in ``executor.parallel`` batches of one process each (peftkit.runs.trial_batch);
     the trials a dead batch left without a record again, a process each. Per run None or its error."""
-    from peftkit.runs.trials import TrialBatch, groups
-
     if not runs:
         return []
     if ex.launcher != "none":  # a trial over several processes (torchrun/accelerate): one run at a time
@@ -237,9 +232,7 @@ def _rung(trials: dict[str, list[Trial]], k: int, plans: dict, pool, echo, ex=No
           metric: str = "loss", extend: int = 0, every: dict | None = None) -> None:
     """Rung ``k`` of every variant that has one, in one batch; at rung 1, ``extend`` (SearchConfig) grid
     edges; then keep the best of each (``metric``: SearchConfig.metric)."""
-    from peftkit.runs import executors as X
-
-    ex = ex or X.ExecutorSection()
+    ex = ex or X.config()
     todo = []
     for v, alive in trials.items():
         if k < len(plans[v]):
@@ -277,39 +270,39 @@ def primary_name(res: dict) -> str:
     return primary(res)[0]
 
 
-def plan(path, out: Path, overrides: list[str] | None):
-    """(compare recipe, base runs, per-variant trials and rung plans); every error before any run."""
-    from peftkit.runs import compare as C
-
-    cr = C.load(path)
-    sc: SearchConfig = cr.search
-    runs = C.plan(path, out, overrides)
-    names = list(dict.fromkeys(r.variant for r in runs))
+def trial_plan(cp: C.ComparePlan) -> tuple[dict[str, list[Trial]], dict[str, list]]:
+    """Per variant: its trials (the grid on the first seed's run) and rung plan; every error before any run."""
+    sc: SearchConfig = cp.search
+    names = list(dict.fromkeys(r.variant for r in cp.runs))
     unknown = sorted(set(sc.variants) - set(names))
     if unknown:
-        raise RecipeError(f"{path}: search.variants: unknown variant(s) {', '.join(unknown)} (known: {', '.join(names)})")
+        raise RecipeError(f"{cp.path}: search.variants: unknown variant(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(names)})")
     first = {}
-    for r in runs:
+    for r in cp.runs:
         first.setdefault(r.variant, r)
     trials, plans = {}, {}
     for v, base in first.items():
         space = sc.variants.get(v, sc)
-        trials[v] = [Trial(base, p, out) for p in points(space, base.recipe.strategy.name)]
+        trials[v] = [Trial(base, p, cp.out) for p in points(space, base.recipe.strategy.name)]
         plans[v] = rungs(len(trials[v]), sc.eta)
-    return cr, runs, trials, plans
+    return trials, plans
 
 
-def _final_runs(runs: list, chosen: dict[str, Trial]) -> list:
+def plan(path, out: Path, overrides: list[str] | None):
+    """(compare recipe, base runs, per-variant trials and rung plans) of a compare recipe file."""
+    cp = C.prepare(path, out, overrides)
+    trials, plans = trial_plan(cp)
+    return cp.recipe, list(cp.runs), trials, plans
+
+
+def _final_runs(runs, chosen: dict[str, Trial]) -> list[RunSpec]:
     """The selected setting of every variant over every seed (the only runs that see test)."""
-    from peftkit import recipe as R
-    from peftkit.runs.compare import Run, _overrides
-
     out = []
     for r in runs:
         t = chosen.get(r.variant)
         if t is not None:
-            rec = R.from_dict(R.apply_overrides(r.recipe.to_dict(), _overrides(t.point)))
-            out.append(Run(r.variant, r.seed, rec, r.dir.parent.parent))
+            out.append(r.with_recipe(R.from_dict(R.apply_overrides(r.recipe.to_dict(), C.dotted_overrides(t.point)))))
     return out
 
 
@@ -322,14 +315,16 @@ def _continue_from_trial(run, trial: Trial) -> None:
 
 
 def search(path, out, overrides=None, timeout=None, echo=print, executor: dict | None = None, progress=None) -> int:
-    """``progress``: a live display (peftkit.training.progress.CompareProgress) shown the runs of each stage."""
-    from peftkit.runs import compare as C
-    from peftkit.runs import executors as X
+    """:func:`run` of a compare recipe file with a ``search:`` section."""
+    return run(C.prepare(path, out, overrides, executor=executor, timeout=timeout), echo, progress)
 
-    out = Path(out)
-    cr, runs, trials, plans = plan(path, out, overrides)
-    ex = C.executor_options(path, timeout, executor)
-    pool = X.from_options(**ex.model_dump())
+
+def run(cp: C.ComparePlan, echo=print, progress=None) -> int:
+    """The search of a planned comparison. ``progress``: a live display
+    (peftkit.training.progress.CompareProgress) shown the runs of each stage."""
+    out, cr, runs, ex = cp.out, cp.recipe, list(cp.runs), cp.executor
+    trials, plans = trial_plan(cp)
+    pool = X.create(ex)
     out.mkdir(parents=True, exist_ok=True)
     every = {v: list(ts) for v, ts in trials.items()}
     n = sum(len(ts) for ts in trials.values())
@@ -342,10 +337,10 @@ def search(path, out, overrides=None, timeout=None, echo=print, executor: dict |
         write_state(out, _state(cr, every, trials, plans))
     chosen = {v: ts[0] for v, ts in trials.items() if ts}
     final = _final_runs(runs, chosen)
-    for run in final:
-        if run.seed == runs[0].seed:
-            _continue_from_trial(run, chosen[run.variant])
-    C.record_runs(out, path, final, ex)
+    for r in final:
+        if r.seed == runs[0].seed:
+            _continue_from_trial(r, chosen[r.variant])
+    C.record_runs(cp, final)
     todo = [r for r in final if not r.done()]
     echo(f"[search] selected: {', '.join(f'{v} {t.label}' for v, t in chosen.items())}; "
          f"{len(todo)} of {len(final)} test run(s) to train")

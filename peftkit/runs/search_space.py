@@ -14,30 +14,6 @@ from pydantic import Field, model_validator
 from peftkit.config import Section
 from peftkit.errors import RecipeError
 
-# Default lr grids: 3 points, x3 apart, centred on the rate recipes/quickstart/compare.yaml gives the
-# strategy (full 1e-4, freeze 1e-4, lora/qlora 2e-3, adapter 1e-3, prefix 1e-2, ia3 1e-2, bitfit
-# 5e-3; tests/test_search.py checks it), so a search can only improve on that hand-picked rate on
-# validation, and an edge pick (report warning) says which way to extend. Why 3 points: with eta 2
-# they cost 1.75 budgets (3 x 1/4 + 2 x 1/4 + 1/2) and the choice falls at half the budget, where
-# 4 points would cost 2 budgets; the quickstart's 25% rung (15 steps) ranks rates poorly, its 50%
-# rung better. The centres lie in the published ranges:
-# full/freeze: BERT fine-tuning 2e-5..5e-5 for 3 epochs (Devlin et al. 2019); short budgets want more;
-# lora/qlora: RoBERTa-base GLUE 4e-4..5e-4 (Hu et al. 2021); the optimum is reported ~10x full ("LoRA
-#   Without Regret", 2025) but ~3x in a DistilBERT reproduction: 6e-4..6e-3 is 6x..60x full's 1e-4;
-# adapter: Houlsby et al. 2019 searched 3e-5..3e-3 (Pfeiffer adapters commonly 1e-4..1e-3);
-# prefix: P-tuning v2 (Liu et al. 2022) 5e-3..1e-2 on classification;
-# ia3: T-Few (Liu et al. 2022) 3e-3; peft's method comparison 1e-3..5e-3;
-# bitfit: Ben Zaken et al. 2022 searched 1e-4..1e-3 (BERT-base), higher for small models.
-DEFAULT_LR = {
-    "full": [3e-5, 1e-4, 3e-4],
-    "freeze": [3e-5, 1e-4, 3e-4],
-    "lora": [6e-4, 2e-3, 6e-3],
-    "qlora": [6e-4, 2e-3, 6e-3],
-    "adapter": [3e-4, 1e-3, 3e-3],
-    "prefix": [3e-3, 1e-2, 3e-2],
-    "ia3": [3e-3, 1e-2, 3e-2],
-    "bitfit": [1.5e-3, 5e-3, 1.5e-2],
-}
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -60,7 +36,7 @@ class LogGrid(Section):
 
 
 class Space(Section):
-    lr: list[float] | LogGrid | None = None  # None: DEFAULT_LR of the variant's strategy
+    lr: list[float] | LogGrid | None = None  # None: the variant's strategy's default_lr
     grid: dict[str, list[Any]] = {}  # other dotted recipe keys -> values, crossed with lr
 
     @model_validator(mode="after")
@@ -106,7 +82,7 @@ def _short(x: float) -> str:
     return f"{mant.rstrip('0').rstrip('.')}e{exp}"
 
 
-def _label(point: dict) -> str:
+def point_label(point: dict) -> str:
     """Directory name of a grid point: lr1e-04_strategy.r16 (safe characters only)."""
     parts = []
     for k, v in point.items():
@@ -121,12 +97,20 @@ def points(space: Space, strategy: str) -> list[dict]:
         lrs = space.lr.values()
     elif space.lr:
         lrs = list(space.lr)
-    elif strategy in DEFAULT_LR:
-        lrs = DEFAULT_LR[strategy]
     else:
-        raise RecipeError(f"search: no default lr grid for strategy '{strategy}'; give search.lr")
+        lrs = list(default_lr(strategy))
     keys = ["train.lr", *space.grid]
     return [dict(zip(keys, combo)) for combo in itertools.product(lrs, *space.grid.values())]
+
+
+def default_lr(strategy: str) -> tuple[float, ...]:
+    """A strategy's own default grid (``Strategy.default_lr``; every registered strategy has one)."""
+    from peftkit import strategies
+
+    cls = strategies.REGISTRY.get(strategy)
+    if cls is None:
+        raise RecipeError(f"search: no default lr grid for strategy '{strategy}'; give search.lr")
+    return cls.default_lr
 
 
 def rungs(n: int, eta: int) -> list[tuple[int, float]]:

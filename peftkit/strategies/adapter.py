@@ -80,6 +80,17 @@ class Adapter(Strategy):
     name = "adapter"
     Config = AdapterConfig
     can_merge = False  # the nonlinear bottleneck cannot be folded into linear weights
+    # Houlsby et al. 2019 searched 3e-5..3e-3 (Pfeiffer adapters commonly 1e-4..1e-3).
+    default_lr = (3e-4, 1e-3, 3e-3)
+
+    def expected_trainable(self, facts):
+        c, d = self.cfg, facts.hidden
+        b = c.bottleneck or max(1, d // c.reduction_factor)
+        # Per adapter: down (d x b + b) and up (b x d + d); one per placement role per block.
+        n = facts.layers * len(self.roles()) * (2 * d * b + b + d)
+        if c.train_norms:
+            n += sum(x.weight + x.bias for x in facts.norms)
+        return n + facts.head
 
     def check(self, recipe):
         problems = super().check(recipe)

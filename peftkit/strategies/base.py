@@ -7,7 +7,7 @@ trainable. Strategies never look at tasks: the task head is handed over by modul
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,13 +20,22 @@ class StrategyConfig(Section):
 
 
 class Strategy:
-    """Base class. Subclasses set ``name``, ``Config`` and implement ``apply``."""
+    """Base class. Subclasses set ``name``, ``Config`` and ``default_lr`` and implement ``apply`` and
+    ``expected_trainable``; registration (``strategies/__init__.py``) refuses a class without them."""
 
     name: ClassVar[str]
     Config: ClassVar[type[StrategyConfig]]
     can_merge: ClassVar[bool] = False
     # Whether the backbone must be quantized (qlora) or must not be (full, freeze, bitfit).
     needs_quantized: ClassVar[bool | None] = None
+    # The backbone's quantization when the recipe names none (qlora: 4bit); read by peftkit.recipe.
+    default_quantization: ClassVar[str] = "none"
+    # The learning rates a search tries when the recipe gives none (peftkit.runs.search_space): 3 points
+    # x3 apart around the rate recipes/quickstart/compare.yaml gives the strategy, so a search can only
+    # improve on it on validation and an edge pick says which way to extend. 3 points with eta 2 cost
+    # 1.75 budgets and choose at half the budget (4 points: 2 budgets); the quickstart's 25% rung ranks
+    # rates poorly, its 50% rung better. Each strategy cites the published range its centre lies in.
+    default_lr: ClassVar[tuple[float, ...]]
 
     def __init__(self, cfg: StrategyConfig):
         self.cfg = cfg
@@ -47,6 +56,13 @@ class Strategy:
 
     # -- the contract ---------------------------------------------------------------------
     def apply(self, model: nn.Module, head: list[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def expected_trainable(self, facts) -> int:
+        """How many parameters ``apply`` leaves trainable (task head included) on a model with these
+        ``facts`` (a ``peftkit.strategies.facts.ModelFacts``; not annotated: that module imports this
+        one): from the method's definition and the model's shapes, never from ``requires_grad``.
+        tests/strategies/test_contract.py compares it with ``count_params`` of the applied model."""
         raise NotImplementedError
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -132,5 +148,3 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
             p.data = p.data.to(dtype)  # in place on the Parameter: module references stay valid
     return saved
 
-
-Precision = Literal["fp32", "bf16", "fp16"]

@@ -34,6 +34,14 @@ class BitFit(Strategy):
     Config = BitFitConfig
     can_merge = True  # the trained biases are the model's own parameters
     needs_quantized = False
+    # Ben Zaken et al. 2022 searched 1e-4..1e-3 (BERT-base); small models want more.
+    default_lr = (1.5e-3, 5e-3, 1.5e-2)
+
+    def expected_trainable(self, facts):
+        # The biases of every linear and norm, in and outside the blocks (embeddings have none).
+        per_block = sum(x.fan_out for x in facts.block if x.bias) + sum(x.bias for x in facts.block_norms)
+        outer = sum(x.bias for x in facts.embed_norms + facts.final_norms)
+        return facts.layers * per_block + outer + facts.head
 
     def apply(self, model, head):
         bs = biases(model, head)

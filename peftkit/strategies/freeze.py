@@ -23,6 +23,13 @@ class Freeze(Strategy):
     Config = FreezeConfig
     can_merge = True  # nothing to merge: the trained weights are the model's own
     needs_quantized = False
+    default_lr = (3e-5, 1e-4, 3e-4)  # as full fine-tuning: the trained weights are the model's own
+
+    def expected_trainable(self, facts):
+        n = self.cfg.layers
+        trained = facts.layers - n if n >= 0 else -n
+        # The blocks above the frozen ones, the norms after the blocks, the head.
+        return trained * facts.block_params + sum(x.weight + x.bias for x in facts.final_norms) + facts.head
 
     def frozen_blocks(self, n_blocks: int) -> int:
         n = self.cfg.layers

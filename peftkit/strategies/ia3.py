@@ -30,6 +30,21 @@ def _no_default(model_type) -> str:
 class IA3(PeftStrategy):
     name = "ia3"
     Config = IA3Config
+    # T-Few (Liu et al. 2022) 3e-3; peft's method comparison 1e-3..5e-3.
+    default_lr = (3e-3, 1e-2, 3e-2)
+
+    def expected_trainable(self, facts):
+        c = self.cfg
+        if c.target_modules:  # one vector per target: its input width if feed-forward, else its output width
+            ffn = set(c.feedforward_modules or ())
+
+            def hits(lin, names):
+                return any(lin.name == t or lin.name.endswith("." + t) for t in names)
+
+            per_block = sum(x.fan_in if hits(x, ffn) else x.fan_out for x in facts.block if hits(x, c.target_modules))
+        else:  # rescaled keys and values, and the feed-forward activation
+            per_block = facts.kv_out + facts.ffn_in
+        return facts.layers * per_block + facts.head
 
     def check(self, recipe):
         problems = super().check(recipe)

@@ -189,6 +189,17 @@ class Prefix(Strategy):
     name = "prefix"
     Config = PrefixConfig
     can_merge = False  # a prefix adds keys/values; it cannot be folded into weights
+    # P-tuning v2 (Liu et al. 2022) 5e-3..1e-2 on classification.
+    default_lr = (3e-3, 1e-2, 3e-2)
+
+    def expected_trainable(self, facts):
+        c = self.cfg
+        width = facts.layers * 2 * facts.kv  # a key and a value per virtual token per layer
+        if not c.reparameterize:
+            return c.num_virtual_tokens * width + facts.head
+        # The MLP of Li & Liang: embedding (tokens x hidden) -> tanh(hidden -> c.hidden) -> width.
+        return (c.num_virtual_tokens * facts.hidden + facts.hidden * c.hidden + c.hidden
+                + c.hidden * width + width + facts.head)
 
     def check(self, recipe) -> list[str]:
         problems = super().check(recipe)

@@ -18,6 +18,7 @@ class QLora(Lora):
     Config = QLoraConfig
     needs_quantized = True
     default_quantization = "4bit"
+    default_lr = Lora.default_lr  # the same adapters as lora, over a 4-bit backbone
 
     def prepare(self, model):
         import peft

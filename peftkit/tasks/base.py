@@ -36,6 +36,13 @@ class Task:
     primary_metric: ClassVar[str] = "loss"
     # Kinds with a label set (cfg.labels, else inferred from the data by ``infer_labels``).
     labelled: ClassVar[bool] = False
+    # Declared by every kind (tasks/__init__.py refuses a registered kind without them):
+    auto_class_name: ClassVar[str]  # the transformers Auto class of its model (backbone, model card)
+    pipeline_tag: ClassVar[str]  # the Hub pipeline tag of its exports (model card)
+    # Suffixes of transformers model class names whose exports are this kind: what ``predict`` goes by
+    # for a directory without peftkit.json; () = only directories peftkit wrote.
+    model_classes: ClassVar[tuple[str, ...]]
+    echo_key: ClassVar[str]  # the key under which ``peftkit predict --json`` repeats each input
 
     def __init__(self, cfg: TaskConfig, tokenizer):
         self.cfg = cfg
@@ -51,8 +58,16 @@ class Task:
     def check(cls, recipe) -> list[str]:
         return []
 
+    @classmethod
+    def claims(cls, config) -> bool:
+        """Whether an exported model with this transformers ``config``, its class name matching
+        ``model_classes``, is of this kind (``predict`` on a directory without peftkit.json)."""
+        return True
+
     def auto_class(self):
-        raise NotImplementedError
+        import transformers
+
+        return getattr(transformers, self.auto_class_name)
 
     # -- data -----------------------------------------------------------------------------
     def where(self, split: str) -> str:

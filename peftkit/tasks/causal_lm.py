@@ -41,11 +41,11 @@ class CausalLM(GenerationTask):
     kind = "causal_lm"
     model_kind = "decoder"
     Config = CausalLMConfig
-
-    def auto_class(self):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM
+    auto_class_name = "AutoModelForCausalLM"
+    pipeline_tag = "text-generation"
+    # GPT2LMHeadModel and kin too; a prediction's own "text" is the continuation, so the CLI echoes "input".
+    model_classes = ("ForCausalLM", "LMHeadModel")
+    echo_key = "input"
 
     @classmethod
     def check(cls, recipe) -> list[str]:

@@ -48,6 +48,11 @@ def rotten_tomatoes(name: str):
 class Classification(Task):
     kind = "classification"
     Config = ClassificationConfig
+    auto_class_name = "AutoModelForSequenceClassification"
+    pipeline_tag = "text-classification"
+    # Predictions are {"label", "score"}: the CLI echoes the input as "text".
+    model_classes = ("ForSequenceClassification",)
+    echo_key = "text"
     # Module names of the head (the pooler included: kept out of quantization too).
     head_names = ("classifier", "score", "pooler", "pooler.dense", "pre_classifier")
     pooler_names = ("pooler", "pre_classifier")
@@ -67,11 +72,6 @@ class Classification(Task):
                      if n.rsplit(".", 1)[-1] in self.pooler_names and any(True for _ in m.parameters())]
         self.head_modules = head
         return head
-
-    def auto_class(self):
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification
 
     def load_builtin(self, name: str):
         return rotten_tomatoes(name)

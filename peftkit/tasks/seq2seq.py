@@ -22,6 +22,10 @@ class Seq2Seq(GenerationTask):
     kind = "seq2seq"
     model_kind = "seq2seq"
     Config = Seq2SeqConfig
+    auto_class_name = "AutoModelForSeq2SeqLM"
+    pipeline_tag = "text2text-generation"
+    model_classes = ("ForConditionalGeneration",)  # see claims()
+    echo_key = "input"
 
     @classmethod
     def check(cls, recipe) -> list[str]:
@@ -34,10 +38,10 @@ class Seq2Seq(GenerationTask):
                             "has two: use lora, full or strategy.target_modules with ia3")
         return problems
 
-    def auto_class(self):
-        from transformers import AutoModelForSeq2SeqLM
-
-        return AutoModelForSeq2SeqLM
+    @classmethod
+    def claims(cls, config) -> bool:
+        # Vision-language decoders are named ...ForConditionalGeneration too.
+        return bool(getattr(config, "is_encoder_decoder", False))
 
     def encode_rows(self, split, prompts, refs):
         src, cut = self.source_ids(prompts)

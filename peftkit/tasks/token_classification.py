@@ -42,6 +42,10 @@ def first_subwords(word_ids: list[int | None]) -> list[tuple[int, int]]:
 class TokenClassification(Task):
     kind = "token_classification"
     Config = TokenClassificationConfig
+    auto_class_name = "AutoModelForTokenClassification"
+    pipeline_tag = "token-classification"
+    model_classes = ("ForTokenClassification",)
+    echo_key = "input"
     head_names = ("classifier", "score")
     primary_metric = "f1"
     labelled = True
@@ -51,11 +55,6 @@ class TokenClassification(Task):
         if getattr(recipe.train, "padding_free", False):
             return ["train.padding_free is for causal_lm tasks (an encoder would attend across the joined sentences)"]
         return []
-
-    def auto_class(self):
-        from transformers import AutoModelForTokenClassification
-
-        return AutoModelForTokenClassification
 
     def columns(self) -> list[str]:
         return [self.cfg.tokens_column, self.cfg.tags_column]

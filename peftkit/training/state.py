@@ -1,4 +1,5 @@
-"""The trainer's progress (``TrainState``) and how any nested state becomes JSON + tensors.
+"""The trainer's progress (``TrainState``; ``Run``: everything one fit works with; ``StepValues``:
+a step's values still on the device) and how any nested state becomes JSON + tensors.
 
 A checkpoint stores the optimizer, scheduler, scaler, RNG states and a ``TrainState``;
 tensors go to safetensors and the rest to JSON, so loading a checkpoint never runs code.
@@ -24,7 +25,14 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # evaluations during training
     nonfinite_skips: int = 0
 
+    def __post_init__(self):
+        # Called before a checkpoint takes the state: the trainer brings the steps still on the
+        # device to the host first (a signal can ask for a checkpoint at any step).
+        self.before_save = None
+
     def state_dict(self) -> dict:
+        if self.before_save is not None:
+            self.before_save()
         return asdict(self)
 
     def load_state_dict(self, d: dict) -> None:
@@ -39,6 +47,62 @@ class TrainState:
         """Mean loss of the last ``window`` finite steps (None before the first)."""
         tail = self.losses[-max(1, min(len(self.losses), window)):]
         return sum(tail) / len(tail) if tail else None
+
+
+@dataclass
+class StepValues:
+    """One optimizer step's loss and gradient norm, still on the device until ``read_values``."""
+
+    step: int
+    epoch: int
+    micro_batches: int
+    loss_sum: torch.Tensor  # this process's sum of weighted micro-batch losses (float64)
+    grad_norm: torch.Tensor | None
+    ok: bool | None  # decided on the host already; None: decided on the device, counted when read
+    sched_steps: int = 0  # scheduler increments of this step (undone if it turns out skipped)
+
+
+def read_values(values: list[StepValues], acc) -> list[dict]:
+    """The steps' values on the host in one transfer: ``loss`` (mean over micro-batches and
+    processes), this process's ``loss_sum``, ``grad_norm`` (NaN when not computed)."""
+    if not values:
+        return []
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=values[0].loss_sum.device)
+    t = torch.stack([torch.stack([v.loss_sum.to(torch.float64), nan if v.grad_norm is None
+                                  else v.grad_norm.detach().to(nan.device, torch.float64), nan]) for v in values])
+    t[:, 2] = acc.reduce(t[:, 0].contiguous(), reduction="sum") if acc.num_processes > 1 else t[:, 0]
+    rows = t.tolist()
+    return [{"step": v.step, "epoch": v.epoch, "loss_sum": r[0], "grad_norm": r[1],
+             "loss": r[2] / acc.num_processes / v.micro_batches, "ok": v.ok, "sched_steps": v.sched_steps}
+            for v, r in zip(values, rows)]
+
+
+@dataclass
+class Run:
+    """Everything one ``Trainer.fit`` works with (made by its ``_setup``): the typed progress object."""
+
+    data: dict
+    total: int  # optimizer steps of this run
+    stop: int  # where this process stops: ``total``, or earlier for a search rung
+    model: torch.nn.Module  # prepared (wrapped) model
+    opt: object
+    sched: object
+    ck: object  # training.checkpoint.Checkpointer (which imports this module)
+    guard: object  # training.nonfinite.NonFiniteGuard
+    meters: object  # training.meters.Meters
+    params: tuple[int, int]  # (trainable, total), before FSDP/ZeRO shard them
+    frozen_cast: dict | None  # frozen weights stored in the autocast dtype (model.frozen_dtype), or None
+    state: TrainState = field(default_factory=TrainState)
+    on_device: bool = False  # the non-finite guard skips steps on the device (no host read per step)
+    unread: list[StepValues] = field(default_factory=list)  # steps whose loss is still on the device
+    resumed_from: int | None = None
+    times: dict = field(default_factory=dict)  # load_s, data_s, train_s, train_eval_s, eval_s
+    t_start: float = 0.0  # before the data was read (wall_s counts from here, plus loading)
+
+    @property
+    def rung(self) -> bool:
+        """A search rung (train.stop_at): validation only, checkpointed where it stops."""
+        return self.stop < self.total
 
 
 # -- nested state <-> (JSON, tensors) -------------------------------------------------------

@@ -14,7 +14,6 @@ import yaml
 from conftest import in_process, tiny_recipe
 from peftkit import cli
 from peftkit.runs import search
-from peftkit.runs.compare import Run
 from peftkit.io import atomic_write_text
 from peftkit.recipe import dump_yaml
 
@@ -49,12 +48,12 @@ def test_selection_follows_validation_not_test(tiny_models, sentiment_dir, tmp_p
     real = Trainer.evaluate
 
     def fake(self, model, ds):
-        m = real(self, model, ds)
+        m, predictions = real(self, model, ds)
         split = "validation" if len(ds) == 32 else "test"
         seen.append((split, self.tc.lr, self.tc.seed))
         m["accuracy"] = planted[(split, self.tc.lr)] + 0.01 * self.tc.seed
         m["loss"] = 1.0 - m["accuracy"]  # what a rung ranks by (search.metric: loss)
-        return m
+        return m, predictions
 
     import csv
 
@@ -185,10 +184,10 @@ def test_edge_extension_adds_points_beyond_the_grid_on_validation(tiny_models, s
     splits = []
 
     def fake(self, model, ds):
-        m = real(self, model, ds)
+        m, predictions = real(self, model, ds)
         splits.append((self.tc.lr, self.tc.stop_at))
         m["loss"] = 1000 * self.tc.lr
-        return m
+        return m, predictions
 
     monkeypatch.setattr(Trainer, "evaluate", fake)
     calls = []

@@ -8,8 +8,8 @@ from conftest import tiny_recipe
 from peftkit import cli
 from peftkit.runs import search, trial_batch
 from peftkit import recipe as R
-from peftkit.runs.compare import Run
-from peftkit.runs.executors import ExecutorSection
+from peftkit.runs import executors
+from peftkit.runs.spec import RunSpec
 from peftkit.io import atomic_write_text
 
 
@@ -18,9 +18,7 @@ def trial(tmp_path, tiny_models, sentiment_dir, strategy, name, **data):
                       checkpoint_every=None)
     rec["task"]["data"].update(data)
     rec["output"] = {"report_to": []}
-    run = Run(name, 0, R.from_dict(rec), tmp_path / "out")
-    run.dir = tmp_path / "out" / name / "search" / "lr1e-03" / "seed0"
-    return run
+    return RunSpec(name, 0, R.from_dict(rec), tmp_path / "out" / name / "search" / "lr1e-03" / "seed0")
 
 
 def losses(d):
@@ -40,7 +38,7 @@ def test_batch_gives_the_numbers_of_a_run_alone_and_keeps_failures_apart(tiny_mo
             trial(tmp_path, tiny_models, sentiment_dir, "lora", "lora")]
     batch = trial_batch.TrialBatch(runs, tmp_path / "batch", "rung 1/1")
     assert batch.runs_in_process == 4 and not batch.done()
-    assert trial_batch.main([batch.command()[-1]]) == 1  # one trial failed; the others trained
+    assert trial_batch.main([str(batch.write_manifest())]) == 1  # one trial failed; the others trained
     prefix, broken, ia3, lora = runs
     assert prefix.done() and ia3.done() and lora.done() and not batch.done()
     err = json.loads((broken.dir / "error.json").read_text())
@@ -66,9 +64,9 @@ def test_trials_of_a_dead_batch_run_again_one_process_each(tiny_models, sentimen
         return in_process(items)
 
     monkeypatch.setattr(search, "_run_all", dies)
-    errs = search._train_trials(runs, None, ExecutorSection(), tmp_path / "rung1", "rung 1/1", echo=lambda *_: None)
+    errs = search._train_trials(runs, None, executors.config(), tmp_path / "rung1", "rung 1/1", echo=lambda *_: None)
     assert errs == [None, None] and all(r.done() for r in runs)
-    assert seen == [["TrialBatch"], ["Run", "Run"]]
+    assert seen == [["TrialBatch"], ["RunSpec", "RunSpec"]]
 
 
 def test_groups_keep_order_and_balance():
