@@ -48,6 +48,10 @@ def cmd_validate(args) -> int:
                 print(f"skip {f}  (an accelerate config, not a recipe)")
                 continue
             r = R.load(f, args.set)
+            if args.data:  # the data files exist and parse (and have the task's columns)
+                from peftkit import tasks
+
+                tasks.get(r.task, tokenizer=None).raw_splits()
         except UserError as e:
             print(f"FAIL {e}", file=sys.stderr)
             failed += 1
@@ -75,7 +79,10 @@ def cmd_train(args) -> int:
     # Rank 0 decides (other ranks would find its files); the trainer shares its choice.
     mode = "resume"
     if dist.env_rank() == 0:
-        mode = check_run_dir(out, r.hash(), args.force, resume=not args.no_resume)
+        from peftkit.training import lock as run_lock
+
+        with run_lock.held(out):  # no deciding (--force clears files) while another process writes it
+            mode = check_run_dir(out, r.hash(), args.force, resume=not args.no_resume)
     if args.launcher != "none" and not dist.launched():
         return _relaunch(args, out)
     if dist.env_rank() != 0:
@@ -110,6 +117,9 @@ def cmd_export(args) -> int:
     print(f"[peftkit] verify {'ok' if v['passed'] else 'FAILED'}: {v['examples']} examples, "
           f"max |dlogit| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']['max_abs_logit_diff']:.0e}), "
           f"argmax agreement {100 * v['argmax_agreement']:.1f}%, {m}; {out / 'verify.json'}")
+    if (mc := v.get("metric_check") or {}).get("passed") is False:
+        print(f"[peftkit] verify FAILED: {mc['metric']} of the export {mc['exported']} on {mc['examples']} examples, "
+              f"the run recorded {mc['recorded']} (tolerance {mc['tolerance']:.3g}: {mc['rule']})")
     return 0 if v["passed"] else 1
 
 
@@ -254,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipes", nargs="+", help="recipe files, then dotted overrides (KEY=VALUE) for every one")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
     v.add_argument("--print-config", action="store_true", help="print each resolved recipe")
+    v.add_argument("--data", action="store_true", help="also read each recipe's data files (exist, parse, columns)")
     v.set_defaults(fn=cmd_validate)
 
     e = sub.add_parser("export", help="merge a run into a plain transformers model directory")

@@ -3,12 +3,44 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# The `kernels` package (loaded by transformers for bitsandbytes' hub kernel) logs this WARNING on
+# every model load when HF_HUB_OFFLINE is set (as on every offline machine, where it must be): it says
+# nothing the user can act on. Only this message is dropped; the logger's other warnings stay.
+logging.getLogger("kernels._internals.hf_hub").addFilter(_DropMessages("Skipping publisher trust check for "))
 
 
 def warn(msg: str) -> None:
     print(f"peftkit: warning: {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def quiet_logger(*names: str, level: int = logging.CRITICAL + 1):
+    """Silence libraries' loggers for a block: e.g. ``datasets`` logs a parse failure as an
+    ERROR line before raising it; peftkit reports that failure itself, as one line."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
 
 
 class RunLog:

@@ -178,6 +178,29 @@ _NOT_HASHED = {"train": ("checkpoint_every", "keep_checkpoints", "progress", "st
 
 
 # -- loading ------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: YAML keeps the
+    last one silently, so a recipe's first ``lr:`` would be ignored without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: let SafeLoader report it as usual
+                continue
+            if first != line:
+                raise RecipeError(f"line {line}: duplicate key '{key}' (first given on line {first})")
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (RecipeError naming the key and both lines)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     try:
@@ -187,13 +210,16 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{p}: cannot read recipe ({e.__class__.__name__}: {e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
+    except RecipeError as e:
+        raise RecipeError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{p}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        # An empty file would otherwise train the schema's defaults: almost surely a mistake.
+        raise RecipeError(f"{p}: the recipe file is empty")
     if not isinstance(data, dict):
         raise RecipeError(f"{p}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data

@@ -131,7 +131,7 @@ def test_empty_split_by_fraction(capsys, tmp_path, rec):
 def test_non_utf8_text(capsys, tmp_path, rec):
     r, d = rec
     (d / "train.csv").write_bytes("text,label\ncaf\xe9 good,pos\nbad film,neg\n".encode("latin-1"))
-    expect_error(capsys, tmp_path, r, "train.csv: not valid UTF-8 text")
+    expect_error(capsys, tmp_path, r, "train.csv: line 2, column 4 (byte 14): not valid UTF-8 text (0xe9)")
 
 
 @pytest.mark.parametrize("override, match", [

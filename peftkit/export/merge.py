@@ -28,11 +28,9 @@ import torch
 from peftkit import hardware, strategies
 from peftkit.model.backbone import DTYPES
 from peftkit.errors import UserError
-from peftkit.io import atomic_dir, atomic_write_json, atomic_write_text, save_safetensors
+from peftkit.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, save_safetensors, sha256_file
 from peftkit.export.model_card import write as write_card
-from peftkit.training.rundir import RECIPE, WEIGHTS, load_trained, read_recipe
-
-EXPORT_JSON = "peftkit.json"
+from peftkit.training.rundir import EXPORT_JSON, RECIPE, RESULT, WEIGHTS, load_trained, read_recipe
 VERIFY_SCHEMA = "peftkit.verify/1"
 # Allowed max |Δlogit| between the trained model and its export, by the lowest precision
 # either side computes in: ATOL, or RTOL x the largest trained logit if that is more. An
@@ -42,6 +40,12 @@ VERIFY_SCHEMA = "peftkit.verify/1"
 ATOL = 1e-4
 RTOL = {"fp32": 0.0, "fp16": 1e-2, "bf16": 5e-2}
 _RANK = ["bf16", "fp16", "fp32"]
+# --verify also evaluates the export on the run's whole eval split and compares its primary
+# metric with the one result.json recorded: allowed |Δ| = max(METRIC_ATOL[precision], 1/examples),
+# precision the lowest of the export's and the training's (one example may flip on a near-tie
+# through float rounding; bf16/fp16 round every weight). Tampered weights that still parse move
+# the metric far beyond this (and fail their sha256 check first).
+METRIC_ATOL = {"fp32": 0.0, "fp16": 0.01, "bf16": 0.02}
 
 
 class NotMergeable(UserError):
@@ -194,7 +198,9 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", verify: bo
     if verify:
         batches = eval_batches(built, verify_examples)
         ref = run_model(built.model, built.task, batches)
-    meta = {"schema": "peftkit.export/1", "source_run": str(run_dir.resolve()), "recipe_hash": recipe.hash(),
+    # The run's own hash (result.json), not the re-read recipe's: that one carries the label
+    # names result.json added, so it hashed differently and the card and peftkit.json disagreed.
+    meta = {"schema": "peftkit.export/1", "source_run": str(run_dir.resolve()), "recipe_hash": run_hash(run_dir, recipe),
             "strategy": recipe.strategy.name, "task": recipe.task.kind,
             "max_length": getattr(recipe.task, "max_length", None),
             # What prediction needs of the task: label names, prompt template, chat template, lengths.
@@ -212,6 +218,8 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", verify: bo
                         merge_base="dequantized-" + recipe.model.quantization if quantized else "full-precision")
             del model
         built.tokenizer.save_pretrained(tmp)
+        # Every weights file's sha256, checked by predict and --verify before they load it.
+        meta["sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
         atomic_write_json(tmp / EXPORT_JSON, meta)
     del built
     summary = {**meta, "out": str(out), "bytes": _dir_bytes(out), "files": sorted(p.name for p in out.iterdir())}
@@ -219,6 +227,14 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", verify: bo
         summary["verify"] = _verify(run_dir, out, recipe, task, meta, batches, ref, dtype)
     summary["model_card"] = write_card(out, run_dir, summary)  # README.md: a Hub model card
     return summary
+
+
+def run_hash(run_dir: Path, recipe) -> str:
+    """The recipe hash the run recorded (result.json), the one every artifact shows."""
+    if (run_dir / RESULT).is_file():
+        if h := (read_json(run_dir / RESULT).get("run") or {}).get("recipe_hash"):
+            return h
+    return recipe.hash()
 
 
 def verify(run_dir: str | Path, out: str | Path, verify_examples: int = 64) -> dict:
@@ -260,11 +276,44 @@ def _verify(run_dir: Path, out: Path, recipe, task, meta: dict, batches, ref, dt
                       "argmax": "100% agreement" if precision == "fp32" else
                                 "disagreements only where the reference margin <= 2 x tolerance"},
     }
-    report["passed"] = passed(cmp, precision, tol)
+    report["metric_check"] = metric_check(run_dir, exported.model, task, recipe, precision)
+    report["passed"] = passed(cmp, precision, tol) and report["metric_check"].get("passed", True)
     if meta["merged"] and recipe.model.quantization != "none":
         report["merge_base"] = {"used": meta["merge_base"], "alternative": _original_base_error(run_dir, dtype, batches, ref)}
     atomic_write_json(out / "verify.json", report)
     return report
+
+
+@torch.no_grad()
+def metrics_only(model, task, batches) -> dict:
+    from accelerate.utils import send_to_device
+
+    model.eval()
+    preds, refs = [], []
+    for b in batches:
+        p, r = task.eval_step(model, send_to_device(b, device_of(model)))
+        preds += p
+        refs += r
+    return task.metrics(preds, refs)
+
+
+def metric_check(run_dir: Path, model, task, recipe, precision: str) -> dict:
+    """The export's primary metric on the run's whole eval split vs the one result.json recorded."""
+    res = read_json(run_dir / RESULT) if (run_dir / RESULT).is_file() else {}
+    m = res.get("metrics") or {}
+    name = m.get("primary_metric") or task.primary_metric
+    recorded = (m.get("eval") or {}).get(name)
+    if not isinstance(recorded, (int, float)):
+        return {"skipped": f"{run_dir / RESULT} records no {name} to compare with"}
+    ds = task.datasets()[m.get("eval_split") or recipe.train.eval_split]
+    rows = [ds[i] for i in range(len(ds))]
+    got = metrics_only(model, task, [task.collate(rows[k : k + 16]) for k in range(0, len(rows), 16)]).get(name)
+    trained = ((res.get("run") or {}).get("precision") or {}).get("resolved", "fp32")
+    prec = min([precision, trained if trained in _RANK else "fp32"], key=_RANK.index)
+    tol = max(METRIC_ATOL[prec], 1 / max(1, len(rows)))
+    ok = isinstance(got, (int, float)) and abs(got - recorded) <= tol + 1e-9
+    return {"metric": name, "recorded": recorded, "exported": got, "examples": len(rows),
+            "tolerance": tol, "rule": f"max({METRIC_ATOL[prec]:g} ({prec}), 1/examples)", "passed": ok}
 
 
 def _original_base_error(run_dir: Path, dtype: str, batches, ref) -> dict:

@@ -22,12 +22,12 @@ prompt template, chat template, lengths) or else from the model class. The task'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from peftkit import tasks
 from peftkit.errors import UserError
-from peftkit.training.rundir import RECIPE, load_trained
+from peftkit.io import read_json
+from peftkit.training.rundir import EXPORT_JSON, RECIPE, check_weights, load_trained
 from peftkit.tasks.generation import GenerationTask
 
 
@@ -61,7 +61,9 @@ class Predictor:
             raise UserError(f"{p}: neither an exported model (config.json) nor a peftkit run (recipe.yaml)")
         import transformers
 
-        meta = json.loads((p / "peftkit.json").read_text(encoding="utf-8")) if (p / "peftkit.json").is_file() else {}
+        meta = read_json(p / EXPORT_JSON) if (p / EXPORT_JSON).is_file() else {}
+        for name in meta.get("sha256") or {}:  # the weights as exported, before transformers loads them
+            check_weights(p, name)
         config = transformers.AutoConfig.from_pretrained(p)
         arch = (config.architectures or [""])[0]
         by_class = kind_by_class()

@@ -10,7 +10,8 @@ import statistics
 from pathlib import Path
 
 from peftkit.errors import UserError
-from peftkit.io import atomic_write_json, atomic_write_text
+from peftkit.io import atomic_write_json, atomic_write_text, read_json
+from peftkit.training.rundir import WEIGHTS, check_weights
 from peftkit.report.table import BASELINE, markdown, plot, print_table
 
 SCHEMA = "peftkit.report/1"
@@ -89,9 +90,12 @@ def collect(out: Path) -> tuple[list[dict], list[dict], list[str]]:
         variant, seed = d.parent.name, d.name.removeprefix("seed")
         seed = int(seed) if seed.isdigit() else seed
         if (d / "result.json").exists():
-            rows.append(_row(json.loads((d / "result.json").read_text()), variant, seed))
+            res = read_json(d / "result.json", "; run it again (compare retrains it) or remove the file")
+            if (d / WEIGHTS).is_file():  # the weights the row describes are the ones the run wrote
+                check_weights(d, WEIGHTS)
+            rows.append(_row(res, variant, seed))
         elif (d / "error.json").exists():
-            e = json.loads((d / "error.json").read_text())
+            e = read_json(d / "error.json")
             failed.append({"variant": variant, "seed": seed, "message": e.get("message"),
                            "returncode": e.get("returncode")})
     seen = order + sorted({r["variant"] for r in rows + failed} - set(order),

@@ -169,6 +169,8 @@ def prepare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
     """The compare recipe read once: its runs and its executor (``executor``: CLI flags over the recipe's
     ``executor:`` section, None values ignored; ``timeout``: seconds per run). Every error before any run."""
     path, out = Path(path), Path(out)
+    if out.exists() and not out.is_dir():  # before anything is planned or written
+        raise UserError(f"--out {out}: exists and is not a directory")
     cr = load(path)
     try:
         X.config(cr.executor)  # the recipe's own section, named as the recipe's mistake

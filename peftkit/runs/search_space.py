@@ -39,6 +39,14 @@ class Space(Section):
     lr: list[float] | LogGrid | None = None  # None: the variant's strategy's default_lr
     grid: dict[str, list[Any]] = {}  # other dotted recipe keys -> values, crossed with lr
 
+    @model_validator(mode="after")
+    def _not_empty(self):
+        # An empty list would search nothing (lr: [] fell back to the default grid silently).
+        empty = (["lr"] if self.lr == [] else []) + [f"grid.{k}" for k, v in self.grid.items() if not v]
+        if empty:
+            raise ValueError(f"{', '.join(empty)}: an empty list searches nothing; give at least one value")
+        return self
+
 
 class SearchConfig(Space):
     eta: int = Field(2, ge=2)

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from peftkit.io import atomic_write_text
+from peftkit.log import warn
+
+_SAID_UNREADABLE: set[Path] = set()  # run dirs whose unreadable result.json was reported
 
 if TYPE_CHECKING:
     from peftkit.recipe import Recipe
@@ -106,7 +109,11 @@ class RunSpec(Job):
     def done(self) -> bool:
         try:
             res = json.loads((self.dir / "result.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if not isinstance(e, FileNotFoundError) and self.dir not in _SAID_UNREADABLE:
+                _SAID_UNREADABLE.add(self.dir)  # said once, not at every look
+                warn(f"{self.dir / 'result.json'}: unreadable ({e.__class__.__name__}: truncated or edited?); "
+                     "this run is trained again")
             return False
         if res.get("run", {}).get("recipe_hash") != self.hash:
             return False

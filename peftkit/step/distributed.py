@@ -281,6 +281,7 @@ def launch_command(args: list[str], launcher: str = "none", num_processes: int =
         return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
                 "-m", "peftkit", *args]
     if launcher == "accelerate":
+        deepspeed_refusal(config_file)  # one line here, not a traceback from every launched process
         cmd = [py, "-m", "accelerate.commands.launch"]
         if config_file:
             cmd += ["--config_file", config_file]
@@ -294,6 +295,36 @@ def launch_command(args: list[str], launcher: str = "none", num_processes: int =
             cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # the recipe's train.precision rules
         return [*cmd, "-m", "peftkit", *args]
     raise UserError(f"--launcher: unknown '{launcher}' (known: {', '.join(LAUNCHERS)})")
+
+
+def deepspeed_refusal(config_file: str | None) -> None:
+    """Refuse an accelerate config asking for DeepSpeed ZeRO where it cannot run, saying why.
+
+    Causes seen (CPU machine, accelerate 1.x, deepspeed 0.19.8): without CUDA, accelerate
+    turns a DEEPSPEED config into MULTI_CPU (it applies DeepSpeed only on accelerators), so each
+    process would refuse in ``requested_but_not_used`` after the launch, under a torchrun
+    traceback; without the package, ``accelerate launch`` itself dies with an ImportError.
+    """
+    if not config_file:
+        return
+    import importlib.util
+
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(open(config_file, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--accelerate-config {config_file}: cannot read ({e.__class__.__name__}: {e})") from None
+    if not isinstance(cfg, dict) or str(cfg.get("distributed_type", "")).upper() != "DEEPSPEED":
+        return
+    why = None
+    if not torch.cuda.is_available():
+        why = ("this machine has no CUDA GPU, and accelerate applies DeepSpeed only on GPUs (it would run "
+               "MULTI_CPU instead); on CPU processes use FSDP2 (recipes/accelerate/fsdp.yaml) or DDP")
+    elif importlib.util.find_spec("deepspeed") is None:
+        why = "deepspeed is not installed (pip install 'peftkit[deepspeed]')"
+    if why:
+        raise UserError(f"--accelerate-config {config_file}: DeepSpeed ZeRO cannot run here: {why}")
 
 
 def format_command(argv: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,7 @@ from pydantic import Field
 
 from peftkit.config import Section
 from peftkit.errors import DataError
+from peftkit.log import quiet_logger
 
 
 class DataConfig(Section):
@@ -147,8 +149,8 @@ def load_file(path: Path, fmt: str, on_bad=None):
     elif fmt == "conll":
         try:
             ds = read_conll(path, on_bad)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+        except UnicodeDecodeError:
+            raise DataError(bad_utf8(path)) from None
         if len(ds) == 0:
             raise DataError(f"{path}: no rows")
         return ds
@@ -156,18 +158,86 @@ def load_file(path: Path, fmt: str, on_bad=None):
         raise DataError(f"{path}: format '{fmt}' is not supported by this task")
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+        # datasets logs a parse failure (and a blank line) before raising it: ours is the one line.
+        with quiet_logger("datasets"):
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in its own types
-        cause = e.__cause__ or e
-        if isinstance(cause, UnicodeDecodeError):
-            raise DataError(f"{path}: not valid UTF-8 text (byte {cause.start})") from None
-        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else cause.__class__.__name__
-        raise DataError(f"{path}: cannot parse as {fmt}: {msg}") from None
+        raise DataError(parse_error(path, fmt, e)) from None
     if len(ds) == 0:
         raise DataError(f"{path}: no rows")
     return ds
+
+
+def parse_error(path: Path, fmt: str, e: Exception) -> str:
+    """One line naming the file, line and column of what the parser refused.
+
+    The parsers' own positions are not the file's: a UnicodeDecodeError's offset is within the
+    chunk being decoded, pyarrow's JSON "row"/"position" counts from 0 within a block. The
+    file is read again here (only after a failure) to find the line.
+    """
+    cause = e.__cause__ or e
+    if isinstance(e, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError):
+        return bad_utf8(path)
+    if fmt in ("jsonl", "json") and (where := bad_json(path, fmt)):
+        return where
+    if fmt in ("csv", "tsv") and _header_only(path):
+        return f"{path}: no rows (a header line only)"
+    msg = str(cause).strip().splitlines()[0] if str(cause).strip() else cause.__class__.__name__
+    if m := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg):  # pandas' C parser
+        return (f"{path}: line {m[2]}: expected {m[1]} fields, saw {m[3]} "
+                f"(quote a field that contains the delimiter)")
+    return f"{path}: cannot parse as {fmt}: {msg}"
+
+
+def bad_utf8(path: Path, chunk: int = 1 << 20) -> str:
+    """``path: line L, column C (byte B): not valid UTF-8 text`` for the first bad byte."""
+    import codecs
+
+    dec, offset, line, line_start = codecs.getincrementaldecoder("utf-8")(), 0, 1, 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                dec.decode(block)
+            except UnicodeDecodeError as e:
+                # e.start counts within the bytes the decoder held: its buffered tail plus this block.
+                bad = offset - (len(e.object) - len(block)) + e.start
+                f.seek(0)
+                head = f.read(bad)
+                line = head.count(b"\n") + 1
+                line_start = head.rfind(b"\n") + 1
+                return (f"{path}: line {line}, column {bad - line_start + 1} (byte {bad}): "
+                        f"not valid UTF-8 text (0x{e.object[e.start]:02x})")
+            offset += len(block)
+    return f"{path}: not valid UTF-8 text"
+
+
+def bad_json(path: Path, fmt: str) -> str | None:
+    """The line and column of the first JSON error (a JSONL line, or a whole .json file)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            if fmt == "json" and f.read(1) in "[{":
+                f.seek(0)
+                json.load(f)
+                return None
+            f.seek(0)
+            for n, text in enumerate(f, 1):
+                if text.strip():
+                    try:
+                        json.loads(text)
+                    except json.JSONDecodeError as e:
+                        return f"{path}: line {n}, column {e.colno}: invalid JSON ({e.msg})"
+    except json.JSONDecodeError as e:
+        return f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})"
+    except UnicodeDecodeError:
+        return bad_utf8(path)
+    return None
+
+
+def _header_only(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip()) == 1
 
 
 def stable_bucket(key: str, seed: int) -> float:

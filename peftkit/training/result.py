@@ -80,8 +80,9 @@ def save_weights(run_dir: Path, sd: dict | None) -> dict:
     if sd is None:
         return {}
     path = run_dir / "strategy.safetensors"
-    save_safetensors(path, sd)
-    return {"strategy_weights": path.name, "strategy_bytes": path.stat().st_size, "tensors": len(sd)}
+    sha = save_safetensors(path, sd)  # recorded: export, predict, resume and report check the file against it
+    return {"strategy_weights": path.name, "strategy_bytes": path.stat().st_size, "tensors": len(sd),
+            "strategy_sha256": sha}
 
 
 def write(run_dir: Path, res: dict, predictions: dict) -> None:

@@ -17,12 +17,14 @@ from pathlib import Path
 from peftkit.training.checkpoint import DIR as CHECKPOINTS
 from peftkit.training.checkpoint import read_manifest, step_dirs
 from peftkit.errors import UserError
+from peftkit.training.lock import LOCK
 
 RECIPE = "recipe.yaml"
 RESULT = "result.json"
 WEIGHTS = "strategy.safetensors"
 ADAPTER = "adapter_model.safetensors"  # peft's adapter format (an --adapter-only export)
 LOG = "log.jsonl"
+EXPORT_JSON = "peftkit.json"  # an export's metadata (peftkit.export.merge), with its files' sha256
 # What a run directory holds while a run is unfinished; anything else makes it "not ours".
 RUN_FILES = {LOG, RECIPE, WEIGHTS, "tb", CHECKPOINTS, "predictions.json"}  # an unfinished run may hold these
 OUTPUTS = RUN_FILES | {RESULT}
@@ -62,7 +64,7 @@ def check_run_dir(out: Path, recipe_hash: str, force: bool, resume: bool = True)
     ``--force``, which then starts over (discarding peftkit's own files only).
     """
     _check_writable(out)
-    names = {p.name for p in out.iterdir()} if out.exists() else set()
+    names = {p.name for p in out.iterdir()} - {LOCK} if out.exists() else set()
     if not names:
         return "fresh"
     hashes = {m["recipe_hash"] for p in step_dirs(out / CHECKPOINTS) if (m := read_manifest(p))}
@@ -143,6 +145,27 @@ def no_weights(d: Path, recipe) -> UserError:
     return UserError(f"{d}: {WEIGHTS} is missing (the finished run wrote it; was it moved or deleted?)")
 
 
+def recorded_sha256(d: Path, name: str) -> tuple[str | None, str]:
+    """(sha256 recorded for ``d/name`` when peftkit wrote it, where): result.json for a run's
+    weights, peftkit.json for an export's files; (None, ...) when nothing was recorded."""
+    from peftkit.io import read_json
+
+    if name == WEIGHTS and (d / RESULT).is_file():
+        art = read_json(d / RESULT).get("artifact") or {}
+        return art.get("strategy_sha256"), str(d / RESULT)
+    if (d / EXPORT_JSON).is_file():
+        return (read_json(d / EXPORT_JSON).get("sha256") or {}).get(name), str(d / EXPORT_JSON)
+    return None, ""
+
+
+def check_weights(d: Path, name: str) -> None:
+    """IntegrityError (one line, exit 2) when ``d/name`` is not the file peftkit recorded."""
+    from peftkit.io import check_sha256
+
+    expected, where = recorded_sha256(d, name)
+    check_sha256(d / name, expected, where)
+
+
 def read_weights(path: Path) -> dict:
     """A safetensors file's tensors; a corrupt or cut-off file is one line naming it."""
     from safetensors import SafetensorError
@@ -185,6 +208,7 @@ def load_trained(d: str | Path, base: str = "as-trained"):
     recipe = read_recipe(d)
     if not (d / WEIGHTS).is_file() and not (d / ADAPTER).is_file():
         raise no_weights(d, recipe)  # before minutes of model loading
+    check_weights(d, WEIGHTS if (d / WEIGHTS).is_file() else ADAPTER)  # also before loading
     quantized = recipe.model.quantization != "none"
     if base == "original" and quantized:
         # model_copy skips validation: a qlora recipe without quantization would not validate.

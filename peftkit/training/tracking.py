@@ -10,11 +10,17 @@ executes them.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.log import warn
+
+
+class TrackerError(UserError):
+    """A tracker of output.report_to cannot start: said before training, nothing created."""
 
 GROUP_ENV = "PEFTKIT_TRACKING_GROUP"
 PARENT_ENV = "PEFTKIT_MLFLOW_PARENT_RUN_ID"
@@ -70,6 +76,11 @@ class Tracking:
         self.names = resolve(recipe.output.report_to)
         self.group = os.environ.get(GROUP_ENV) or None
         self.acc = None
+        self.failed = False  # a tracker failed mid-run: warned once, the run goes on without trackers
+        from peftkit.step.distributed import env_rank
+
+        if env_rank() == 0:  # the process that logs (ranks > 0 must not race to create a sqlite store)
+            check(self.names)  # before the Accelerator, the run dir, any training: fail in one line
 
     def accelerator_kwargs(self) -> dict:
         from accelerate.utils import ProjectConfiguration
@@ -96,14 +107,27 @@ class Tracking:
             return
         self.acc = acc
         config = {**flatten(self.recipe.to_dict()), "recipe_hash": self.recipe.hash()}
-        acc.init_trackers(self.group or self.recipe.name or "peftkit", config=config, init_kwargs=self.init_kwargs())
+        try:
+            acc.init_trackers(self.group or self.recipe.name or "peftkit", config=config,
+                              init_kwargs=self.init_kwargs())
+        except Exception as e:
+            self.acc = None
+            raise TrackerError(f"output.report_to: {', '.join(self.names)} cannot start: {_one_line(e)}") from None
 
     def log(self, rec: dict, step: int | None = None) -> None:
-        if self.acc is None:
+        if self.acc is None or self.failed:
             return
         values = dict(scalars(rec))
         if values:
-            self.acc.log(values, step=rec.get("step") if step is None else step)
+            try:
+                self.acc.log(values, step=rec.get("step") if step is None else step)
+            except Exception as e:  # a tracker (server gone, disk full) never costs the run
+                self._lost(e)
+
+    def _lost(self, e: Exception) -> None:
+        self.failed = True
+        warn(f"output.report_to: {', '.join(self.names)} failed mid-run, training goes on without it "
+             f"(log.jsonl and result.json are complete): {_one_line(e)}")
 
     def finish(self, files: list[Path] = ()) -> None:
         """Log ``files`` (result.json, ...) as artifacts, then close every tracker.
@@ -114,10 +138,80 @@ class Tracking:
         if self.acc is None:
             return
         for t in self.acc.trackers:
-            log_artifacts(t.name, [Path(f) for f in files if Path(f).exists()], getattr(t, "tracker", None))
-            t.finish()
+            try:
+                if not self.failed:
+                    log_artifacts(t.name, [Path(f) for f in files if Path(f).exists()], getattr(t, "tracker", None))
+                t.finish()
+            except Exception as e:
+                if not self.failed:
+                    self._lost(e)
         self.acc.trackers.clear()
         self.acc = None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0].strip() if text else ''}"[:300]
+
+
+def check(names: list[str]) -> None:
+    """Each tracker's store reachable as the user set it up, or one TrackerError line."""
+    if "mlflow" in names:
+        check_mlflow()
+    if "wandb" in names:
+        check_wandb()
+
+
+def check_mlflow() -> None:
+    """MLflow as configured: the default ``sqlite:///mlflow.db`` (needs full mlflow: sqlalchemy
+    and alembic), a ``file:`` store, or a server; one cheap call proves it answers."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("file:") or (uri and "://" not in uri and not uri.startswith("databricks")):
+        # The user chose a file store; MLflow 3 refuses one unless this switch is on.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+        logging.getLogger(name).setLevel(logging.WARNING)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    # A server that is down: one try, 10 s, not MLflow's minutes of retries.
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient().search_experiments(max_results=1)
+        MlflowClient()._get_registry_client()  # the registry store: where mlflow-skinny fails on sqlite
+    except Exception as e:
+        where = uri or f"the default store {_default_mlflow_uri()}"
+        hint = (" (pip install 'peftkit[trackers]': full mlflow reads sqlite stores)"
+                if "sqlite" in where and "Unsupported" in type(e).__name__ else "")
+        raise TrackerError(f"output.report_to: mlflow cannot use {where}: {_one_line(e)}{hint}") from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _default_mlflow_uri() -> str:
+    try:
+        from mlflow.tracking._tracking_service.utils import _get_default_tracking_uri
+
+        return _get_default_tracking_uri()
+    except Exception:
+        return "sqlite:///mlflow.db"
+
+
+def check_wandb() -> None:
+    """W&B offline/disabled needs nothing; online needs a login (an API key)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        import wandb
+
+        wandb.Api()  # raises UsageError when no API key is configured (no network call)
+    except Exception as e:
+        raise TrackerError(f"output.report_to: wandb is online but cannot start ({_one_line(e)}); "
+                           "wandb login, WANDB_API_KEY, or WANDB_MODE=offline") from None
 
 
 def log_artifacts(name: str, files: list[Path], run=None) -> None:
@@ -142,6 +236,7 @@ def log_artifacts(name: str, files: list[Path], run=None) -> None:
 def compare_group(name: str, names: set[str], files=lambda: []):
     """Group the runs started inside (subprocesses too) under ``name``; afterwards log
     ``files()`` (the report) to the group: the MLflow parent run, a W&B ``report`` run."""
+    check(sorted(names))  # before any run starts: a tracker that cannot start is one line, not N failed runs
     saved = {k: os.environ.get(k) for k in (GROUP_ENV, PARENT_ENV)}
     os.environ[GROUP_ENV] = name
     client, parent = _mlflow_parent(name) if "mlflow" in names else (None, None)

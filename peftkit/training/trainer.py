@@ -31,6 +31,7 @@ from peftkit.training.meters import Meters
 from peftkit.training.nonfinite import NonFiniteGuard
 from peftkit.training.state import Run, StepValues, read_values
 from peftkit.training.tracking import Tracking
+from peftkit.training import lock as run_lock
 
 
 class Trainer:
@@ -99,6 +100,7 @@ class Trainer:
         return m, {"predictions": preds, "references": refs}
 
     # -- the run ------------------------------------------------------------------------------
+    @run_lock.released_after  # the run dir's lock, taken in _setup
     def fit(self) -> dict:
         run = self._setup()
         progress = Progress(run.total, enabled=self.tc.progress and self.acc.is_main_process)
@@ -114,6 +116,8 @@ class Trainer:
         data_s = time.perf_counter() - t_start
         for note in b.task.notes():  # truncation, skipped bad rows
             warn(note)
+        # One writer per run dir, held for the run's life (the kernel drops it if this process dies).
+        self.lock = run_lock.acquire(self.run_dir) if acc.is_main_process else None
         ck = Checkpointer(acc, self.run_dir, b.recipe, self.resume)
         resumed = ck.begin()
         if acc.is_main_process:

@@ -88,6 +88,13 @@ def test_verify_catches_a_different_model(runs, tmp_path, monkeypatch):
     key = next(k for k in sd if k.endswith("attention.self.query.weight"))
     sd[key] = sd[key] + 1e-2 * torch.randn_like(sd[key])
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    from peftkit.io import IntegrityError, sha256_file
+
+    with pytest.raises(IntegrityError, match="model.safetensors: sha256"):
+        E.verify(run, out, verify_examples=16)
+    meta = json.loads((out / "peftkit.json").read_text())  # a consistent export of a different model
+    meta["sha256"]["model.safetensors"] = sha256_file(out / "model.safetensors")
+    (out / "peftkit.json").write_text(json.dumps(meta))
     v = E.verify(run, out, verify_examples=16)
     assert not v["passed"] and v["max_abs_logit_diff"] > 1e-4
     # ... and the CLI exits 1 when a fresh export is over tolerance.
@@ -257,6 +264,12 @@ def test_export_of_corrupt_weights_is_one_line_naming_the_file(runs, tmp_path, c
     data = w.read_bytes()
     w.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file" * 8, "empty": b""}[damage])
     rc, line = _export_error(capsys, run, tmp_path / "out")
+    # The sha256 result.json recorded catches it before safetensors parses the file.
+    assert rc == 2 and str(w) in line and "differs from the" in line and "result.json" in line, line
+    res = json.loads((run / "result.json").read_text())
+    del res["artifact"]["strategy_sha256"]  # a run from before hashes were recorded: the parser catches it
+    (run / "result.json").write_text(json.dumps(res))
+    rc, line = _export_error(capsys, run, tmp_path / "out")
     assert rc == 2 and str(w) in line and "corrupt or truncated" in line, line
 
 
@@ -289,3 +302,102 @@ def test_export_of_a_finished_run_without_weights(runs, tmp_path, capsys):
     (run / "recipe.yaml").write_text(rec)
     rc, line = _export_error(capsys, run, tmp_path / "out")
     assert rc == 2 and "trained with output.save_weights: false" in line, line
+
+
+# -- integrity: recorded sha256 checked everywhere (issue #28) --------------------------------
+def _flip(path, n=1000):
+    """Flip ``n`` bytes inside the tensor data: same size, the header intact, still parseable."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    for i in range(start + 16, start + 16 + n):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    from safetensors.torch import load_file
+
+    load_file(path)  # still a valid safetensors file
+
+
+def _one_line(capsys, *argv):
+    capsys.readouterr()
+    rc = cli.main(list(argv))
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("peftkit: error: "), err
+    return rc, lines[0]
+
+
+def test_flipped_bytes_in_run_weights_refused_everywhere(runs, tmp_path, capsys):
+    run = shutil.copytree(runs("lora"), tmp_path / "cmp" / "lora" / "seed0")
+    res = json.loads((run / "result.json").read_text())
+    w = run / "strategy.safetensors"
+    assert res["artifact"]["strategy_sha256"] == __import__("hashlib").sha256(w.read_bytes()).hexdigest()
+    _flip(w)
+    for argv in (["export", str(run), "--out", str(tmp_path / "out"), "--verify"],
+                 ["predict", str(run), "a fine film"],
+                 ["report", str(tmp_path / "cmp")]):
+        rc, line = _one_line(capsys, *argv)
+        assert rc == 2 and line.startswith(f"peftkit: error: {w}: sha256 ") and "result.json" in line, (argv, line)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cmp" / "report.json").exists()
+
+
+def test_export_records_and_predict_checks_its_weights(runs, tmp_path, capsys):
+    run, out = runs("lora"), tmp_path / "merged"
+    E.export(run, out)
+    meta = json.loads((out / "peftkit.json").read_text())
+    assert set(meta["sha256"]) == {"model.safetensors"}
+    Predictor.load(out)  # intact: loads
+    _flip(out / "model.safetensors")
+    rc, line = _one_line(capsys, "predict", str(out), "a fine film")
+    assert rc == 2 and f"{out / 'model.safetensors'}: sha256 " in line and "peftkit.json" in line, line
+
+
+def test_adapter_only_export_records_its_weights(runs, tmp_path, capsys):
+    run, out = runs("ia3"), tmp_path / "adapter"
+    E.export(run, out, adapter_only=True)
+    (name,) = json.loads((out / "peftkit.json").read_text())["sha256"]
+    _flip(out / name)
+    rc, line = _one_line(capsys, "predict", str(out), "a fine film")
+    assert rc == 2 and f"{out / name}: sha256 " in line, line
+
+
+def test_verify_compares_the_metric_the_run_recorded(runs, tmp_path, capsys):
+    run = shutil.copytree(runs("lora"), tmp_path / "run")
+    s = E.export(run, tmp_path / "ok", verify=True, verify_examples=8)
+    mc = s["verify"]["metric_check"]
+    assert mc["passed"] and mc["metric"] == "accuracy" and mc["examples"] == 32
+    assert mc["exported"] == pytest.approx(mc["recorded"], abs=mc["tolerance"]) and mc["tolerance"] == 1 / 32
+    res = json.loads((run / "result.json").read_text())
+    res["metrics"]["eval"]["accuracy"] = 1.0 - res["metrics"]["eval"]["accuracy"] + 0.01  # not what it scores
+    (run / "result.json").write_text(json.dumps(res))
+    capsys.readouterr()
+    rc = cli.main(["export", str(run), "--out", str(tmp_path / "bad"), "--verify", "--verify-examples", "8"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "verify FAILED: accuracy of the export" in out, out
+    assert json.loads((tmp_path / "bad" / "verify.json").read_text())["passed"] is False
+
+
+def test_one_recipe_hash_everywhere(runs, tmp_path):
+    run, out = runs("lora"), tmp_path / "merged"
+    E.export(run, out)
+    h = json.loads((run / "result.json").read_text())["run"]["recipe_hash"]
+    assert json.loads((out / "peftkit.json").read_text())["recipe_hash"] == h
+    card = (out / "README.md").read_text()
+    assert f"`{h}`" in card and card.count("recipe_hash") >= 1
+    import re
+
+    assert set(re.findall(r"\b(?=[0-9]*[a-f])[0-9a-f]{16}\b", card)) == {h}  # no other hash shown
+
+
+def test_artifacts_follow_the_umask(runs, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run = runs("lora")
+        E.export(run, tmp_path / "merged")
+    finally:
+        os.umask(old)
+    files = [run / "result.json", run / "strategy.safetensors", *(tmp_path / "merged").iterdir()]
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o644 for f in files}

@@ -39,8 +39,20 @@ def test_killed_compare_rerun_resumes(tiny_models, sentiment_dir, tmp_path):
     while last_step(b_log) < 5:
         assert p.poll() is None, "compare finished before the kill"
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)  # compare and its training process
+    os.killpg(p.pid, signal.SIGKILL)  # compare (its training process has a group of its own)
     p.wait()
+    # The orphaned trainer got SIGTERM from the kernel (PR_SET_PDEATHSIG): it checkpoints and
+    # exits, releasing the run dir's lock; the rerun starts once it has.
+    from peftkit.training import lock
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with lock.held(out / "b" / "seed0"):
+                break
+        except lock.Busy:
+            assert time.monotonic() < deadline, "the orphaned trainer kept running"
+            time.sleep(0.1)
     a_res = out / "a" / "seed0" / "result.json"
     mtime = a_res.stat().st_mtime_ns
     assert not (out / "b" / "seed0" / "result.json").exists()

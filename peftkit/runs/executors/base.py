@@ -24,7 +24,7 @@ from pydantic import Field
 
 import peftkit
 from peftkit.config import Section
-from peftkit.io import atomic_write_json
+from peftkit.io import atomic_write_json, die_with_parent
 from peftkit.runs.spec import Job
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -114,7 +114,7 @@ def _ignore_preempt_signal() -> None:
 def spawn(cmd: list[str], log, env: dict, shielded: bool) -> subprocess.Popen:
     """Start a job's process, its output into the open file ``log``. ``shielded``: it ignores SIGUSR2."""
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_ignore_preempt_signal if shielded else None)
+                            preexec_fn=die_with_parent(_ignore_preempt_signal if shielded else None))
 
 
 def execute(job: Job, timeout: float | None = None, env: dict | None = None, args: Sequence[str] = (),
