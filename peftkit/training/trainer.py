@@ -30,6 +30,7 @@ from peftkit.training.nonfinite import NonFiniteGuard
 from peftkit.training.state import TrainState
 from peftkit.training.progress import live_stats
 from peftkit.strategies import cast_frozen, count_params
+from peftkit.tasks import forgetting
 from peftkit.tasks.data import columns
 from peftkit.training.tracking import Tracking
 
@@ -239,6 +240,7 @@ class Trainer:
             self.log(event="resumed", step=run.state.step, checkpoint=resumed.path.name)
         # measure one step after warm-up (not in a search rung: see RUNG_ESTIMATE)
         run.probe.at = 0 if tc.stop_step(total) < total else min(total, run.state.step + 2)
+        self.forgetting = forgetting.before(b.task, run.model, self.run_dir, resumed is not None, acc.autocast, acc.is_main_process)
         run.model.train()
         return run
 
@@ -365,6 +367,7 @@ class Trainer:
         wall_s = self.b.load_s + time.perf_counter() - run.t_start
         artifact = self._save_weights(sd) if self.acc.is_main_process else {}
         result = R.build(run, final, rss, wall_s, artifact, None if stopped else self._estimate_at(run.probe))
+        result["forgetting"] = forgetting.after(self.forgetting, self.b.task, run.model, self.acc.autocast)
         if stopped:
             result["metrics"].update(eval_split="validation", stopped_at=run.state.step, total_steps=run.total)
         if self.acc.is_main_process:
