@@ -205,6 +205,9 @@ def compare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
     record_runs(out, path, runs, ex)
     outcomes = pool.run(runs, echo=echo)
     record_runs(out, path, runs, ex, outcomes)
+    from peftkit.runs.reference import run_reference
+
+    run_reference(runs, out, ex.timeout_s, echo)  # the untrained model: the report's reference row, once
     echo(X.summary(outcomes, _metrics(outcomes)))
     from peftkit.report.summary import report
 

@@ -172,7 +172,9 @@ def test_packing_and_padding_free_keep_turn_borders(tiny_models, tmp_path):
 def test_chat_trains_evaluates_predicts(tiny_models, tmp_path):
     data = write_split_files(tmp_path / "d", n=(48, 8, 8))
     model = chat_model(tiny_models, tmp_path)
-    res = fit(chat_recipe(model, data, forgetting={"sequences": 4, "max_length": 32}), tmp_path / "run")
+    rec = chat_recipe(model, data, forgetting={"sequences": 4, "max_length": 32})
+    rec["train"].update(max_steps=4, batch_size=8)
+    res = fit(rec, tmp_path / "run")
     assert res["task"]["chat_format"] == "messages" and res["metrics"]["eval"]["examples"] == 8
     f = res["forgetting"]
     assert f["sequences"] == 4 and f["rise"] == pytest.approx(f["loss_after"] - f["loss_before"])
