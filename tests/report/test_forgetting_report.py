@@ -65,7 +65,7 @@ def test_seeds_combine_forgetting_and_no_forgetting_no_section(tmp_path):
     assert data["recommendation"] is None and "Untrained reference" not in (out2 / "report.md").read_text()
 
 
-@pytest.mark.slow  # ~40 s: a tiny two-variant comparison and its reference, each in a fresh process
+@pytest.mark.slow  # ~60 s (more on a busy machine): one variant x two seeds and one reference, each in a fresh process
 def test_compare_runs_reference_once(tiny_models, instr_dir, tmp_path):
     from peftkit.runs import compare as C
 
@@ -73,7 +73,7 @@ def test_compare_runs_reference_once(tiny_models, instr_dir, tmp_path):
                       max_steps=2)
     f = tmp_path / "compare.yaml"
     f.write_text(yaml.safe_dump({"base": base, "seeds": [0, 1], "variants": [
-        {"name": "lora", "set": {"strategy.name": "lora"}}, {"name": "ia3", "set": {"strategy.name": "ia3"}}]}))
+        {"name": "lora", "set": {"strategy.name": "lora"}}]}))
     lines: list[str] = []
     assert C.compare(f, tmp_path / "out", echo=lines.append) == 0
     ref = json.loads((tmp_path / "out" / F.REFERENCE_RESULT).read_text())

@@ -201,3 +201,14 @@ def test_chat_file_train_export_verify(tiny_models, tmp_path, fmt):
     p = run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "exp"), "--verify")
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "exp" / "verify.json").read_text())["passed"]
+
+
+def test_builtin_rotten_tomatoes_chat():
+    ds, group = chat.rotten_tomatoes_chat("builtin:rotten-tomatoes-chat")
+    assert group == "movie_name" and len(ds) > 1000
+    convs = ds["messages"][:30]
+    assert {len(c) for c in convs} == {3, 5, 7}  # system + 1, 2 or 3 (user, assistant) turns
+    for c in convs:
+        msgs = chat.normalize(c, "messages")
+        assert msgs[0] == {"role": "system", "content": chat.SYSTEM}
+        assert all(m["content"] in ("fresh", "rotten") for m in msgs if m["role"] == "assistant")
