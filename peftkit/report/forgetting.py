@@ -20,10 +20,9 @@ RULE = (f"among the variants whose metric is above the untrained model's, those 
         "the least forgetting among those above the untrained model.")
 
 
-def reference(out: Path) -> dict | None:
-    """The untrained model's metric and LM loss on the forgetting sample (None: no reference run)."""
-    from peftkit.report.summary import primary
-
+def reference(out: Path, primary) -> dict | None:
+    """The untrained model's metric and LM loss on the forgetting sample (None: no reference run);
+    ``primary(result) -> (name, value)`` reads its metric as every row's is read."""
     try:
         res = json.loads((out / REFERENCE_RESULT).read_text())
     except (OSError, ValueError):

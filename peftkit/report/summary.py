@@ -140,7 +140,7 @@ def report(out: str | Path, echo=print) -> dict:
     if not rows and not failed:
         raise UserError(f"{out}: no runs found (expected {out}/<variant>/seed<k>/result.json)")
     aggs = aggregate(rows, order)
-    ref = F.reference(out)  # the untrained model (peftkit.runs.reference), when the comparison ran it
+    ref = F.reference(out, primary)  # the untrained model (peftkit.runs.reference), when the comparison ran it
     F.mark(aggs, ref)
     rec = F.recommend(aggs)
     title = f"peftkit comparison: {out.name}"
