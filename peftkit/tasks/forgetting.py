@@ -5,8 +5,8 @@ perplexity) on a fixed sample of general text that is not the task's: ``task.for
 (``builtin:general-text``, shipped in ``peftkit/data/general_text.jsonl``: English prose
 paragraphs of the Python Language Reference, PSF License; or a user's ``.txt`` file, one
 passage per blank-line-separated paragraph, or ``.jsonl`` with a ``text`` field). The text is
-joined (eos between passages) and cut into ``sequences`` blocks of ``max_length`` tokens, the
-same blocks for every strategy of a comparison.
+joined (eos between passages) and ``sequences`` blocks of ``max_length`` tokens are taken evenly
+spread over it: the same blocks for every strategy of a comparison.
 
 The rise in loss (after - before) is reported with its uncertainty: the blocks are paired
 (same text before and after), so a bootstrap over blocks of the paired differences gives its
@@ -74,18 +74,16 @@ def read_texts(spec: str) -> list[str]:
 
 
 def blocks(cfg: ForgettingConfig, tokenizer) -> list[list[int]]:
-    """``cfg.sequences`` blocks of ``cfg.max_length`` tokens of the joined passages."""
+    """``cfg.sequences`` blocks of ``cfg.max_length`` tokens, evenly spread over the joined passages
+    (the whole sample is represented, not only its first passages)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    flat: list[int] = []
-    need = cfg.sequences * cfg.max_length
-    for t in read_texts(cfg.data):
-        flat += tokenizer(t, add_special_tokens=False)["input_ids"] + eos
-        if len(flat) >= need:
-            break
+    flat = [t for text in read_texts(cfg.data) for t in tokenizer(text, add_special_tokens=False)["input_ids"] + eos]
+    n, need = cfg.max_length, cfg.sequences * cfg.max_length
     if len(flat) < need:
         raise DataError(f"task.forgetting.data ({cfg.data}): {len(flat)} tokens, fewer than task.forgetting.sequences"
                         f" x max_length = {need}; give more text or lower them")
-    return [flat[i * cfg.max_length : (i + 1) * cfg.max_length] for i in range(cfg.sequences)]
+    stride = (len(flat) // n) // cfg.sequences * n  # whole blocks between the starts
+    return [flat[i * stride : i * stride + n] for i in range(cfg.sequences)]
 
 
 @torch.no_grad()
