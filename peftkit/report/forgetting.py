@@ -30,6 +30,7 @@ def reference(out: Path, primary) -> dict | None:
     name, value = primary(res)
     f = res.get("forgetting") or {}
     return {"variant": "untrained", "metric_name": name, "metric": value, "lm_loss": f.get("loss_before"),
+            "block_loss": f.get("block_loss_before"),
             "perplexity": f.get("perplexity_before"), "forgetting_data": f.get("data"),
             "eval": (res.get("metrics") or {}).get("eval")}
 
@@ -37,10 +38,26 @@ def reference(out: Path, primary) -> dict | None:
 def run_fields(res: dict) -> dict:
     """A run's forgetting numbers for its report row (None where not measured)."""
     f = res.get("forgetting") or {}
-    return {"forgetting": f.get("rise"), "forgetting_se": f.get("rise_se"), "lm_loss_after": f.get("loss_after")}
+    return {"forgetting": f.get("rise"), "forgetting_se": f.get("rise_se"), "lm_loss_after": f.get("loss_after"),
+            "block_loss_after": f.get("block_loss_after"), "forgetting_basis": "run start" if "rise" in f else None}
+
+
+def against_reference(rows: list[dict], ref: dict | None) -> None:
+    """Forgetting measured from the untrained model rather than from the run's own start, where
+    the reference has the same blocks: a strategy whose initial state already changes the model
+    (prefix tuning's random prefixes) is judged against doing nothing, like every other."""
+    from peftkit.tasks.forgetting import paired_rise
+
+    base = (ref or {}).get("block_loss")
+    for r in rows:
+        after = r.get("block_loss_after")
+        if base and after and len(after) == len(base):
+            p = paired_rise(base, after)
+            r.update(forgetting=p["rise"], forgetting_se=p["rise_se"], forgetting_basis="untrained model")
 
 
 def aggregate(agg: dict, rows: list[dict]) -> None:
+    agg["forgetting_basis"] = next((r["forgetting_basis"] for r in rows if r.get("forgetting_basis")), None)
     """Mean rise over a variant's seeds; its standard error combines the seeds' (independent) ones."""
     rs = [r for r in rows if isinstance(r.get("forgetting"), (int, float))]
     agg["forgetting"] = sum(r["forgetting"] for r in rs) / len(rs) if rs else None

@@ -139,8 +139,9 @@ def report(out: str | Path, echo=print) -> dict:
     rows, failed, order = collect(out)
     if not rows and not failed:
         raise UserError(f"{out}: no runs found (expected {out}/<variant>/seed<k>/result.json)")
-    aggs = aggregate(rows, order)
     ref = F.reference(out, primary)  # the untrained model (peftkit.runs.reference), when the comparison ran it
+    F.against_reference(rows, ref)
+    aggs = aggregate(rows, order)
     F.mark(aggs, ref)
     rec = F.recommend(aggs)
     title = f"peftkit comparison: {out.name}"

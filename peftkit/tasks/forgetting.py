@@ -151,17 +151,24 @@ def after(start: dict | None, task, model, autocast=None) -> dict:
 
 
 def summarize(start: dict, end: dict, seed: int = 0) -> dict:
+    n = start["tokens_per_sequence"]
+    b = [x / n for x in start["nll"]]  # mean loss per token of each block
+    a = [x / n for x in end["nll"]]
+    out = {"data": start["data"], "sequences": len(b), "tokens": int(n * len(b)),
+           "loss_before": sum(b) / len(b), "loss_after": sum(a) / len(a),
+           "perplexity_before": math.exp(min(sum(b) / len(b), 50.0)),
+           "perplexity_after": math.exp(min(sum(a) / len(a), 50.0)), **paired_rise(b, a, seed),
+           "block_loss_before": b, "block_loss_after": a}
+    return out
+
+
+def paired_rise(before: list[float], after: list[float], seed: int = 0) -> dict:
+    """Mean rise after - before over paired blocks, its bootstrap standard error and 95% interval."""
     import numpy as np
 
-    n = start["tokens_per_sequence"]
-    b, a = np.array(start["nll"]) / n, np.array(end["nll"]) / n  # mean loss per token of each block
-    d = a - b
+    d = np.array(after) - np.array(before)
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"data": start["data"], "sequences": len(d), "tokens": int(n * len(d)),
-            "loss_before": float(b.mean()), "loss_after": float(a.mean()),
-            "perplexity_before": math.exp(min(float(b.mean()), 50.0)),
-            "perplexity_after": math.exp(min(float(a.mean()), 50.0)),
-            "rise": float(d.mean()), "rise_se": float(boot.std(ddof=1)), "rise_ci95": [float(lo), float(hi)],
+    return {"rise": float(d.mean()), "rise_se": float(boot.std(ddof=1)), "rise_ci95": [float(lo), float(hi)],
             "uncertainty": f"bootstrap over the {len(d)} paired blocks ({BOOTSTRAP} resamples)"}

@@ -85,3 +85,18 @@ def test_compare_runs_reference_once(tiny_models, instr_dir, tmp_path):
     lines.clear()
     assert C.compare(f, tmp_path / "out", echo=lines.append) == 0
     assert "untrained reference: up to date" in lines
+
+
+def test_forgetting_from_the_untrained_model_when_blocks_match(tmp_path):
+    out = tmp_path / "cmp"
+    prefix = result("prefix", 0.2, -0.6)  # its own start (random prefixes) was far worse than the base model
+    prefix["forgetting"].update(block_loss_before=[4.0, 4.2, 3.8, 4.1], block_loss_after=[3.5, 3.6, 3.4, 3.5])
+    write(out, "prefix", prefix)
+    write(out, "lora", result("lora", 0.3, 0.01))  # no blocks recorded: its own start stays the basis
+    ref = result("freeze", 0.15, 0.0, se=0.0)
+    ref["forgetting"]["block_loss_before"] = [3.0, 3.1, 2.9, 3.0]
+    (out / F.REFERENCE_RESULT).parent.mkdir(parents=True)
+    (out / F.REFERENCE_RESULT).write_text(json.dumps(ref))
+    v = {a["variant"]: a for a in report(out, echo=lambda *_: None)["variants"]}
+    assert v["prefix"]["forgetting"] == pytest.approx(0.5) and v["prefix"]["forgetting_basis"] == "untrained model"
+    assert v["lora"]["forgetting"] == pytest.approx(0.01) and v["lora"]["forgetting_basis"] == "run start"
