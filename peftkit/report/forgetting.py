@@ -63,6 +63,8 @@ def aggregate(agg: dict, rows: list[dict]) -> None:
     agg["forgetting"] = sum(r["forgetting"] for r in rs) / len(rs) if rs else None
     ses = [r["forgetting_se"] for r in rs if isinstance(r.get("forgetting_se"), (int, float))]
     agg["forgetting_se"] = math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None
+    after = [r["lm_loss_after"] for r in rs if isinstance(r.get("lm_loss_after"), (int, float))]
+    agg["lm_loss_after"] = sum(after) / len(after) if after else None
 
 
 def mark(aggs: list[dict], ref: dict | None) -> None:
@@ -122,8 +124,9 @@ def markdown(aggs: list[dict], ref: dict | None, rec: dict | None) -> str:
               "evaluated once per comparison.",
               "- **Forgetting**: rise of the LM loss on a fixed general-text sample "
               + (f"(`{ref['forgetting_data']}`) " if ref and ref.get("forgetting_data") else "")
-              + "from before to after training (negative: better at it); ± bootstrap standard error over the "
-              "sample's blocks. Decoders only.",
+              + "from the untrained model (the reference run; without one, from the run's own start) to after "
+              "training (negative: better at it); ± bootstrap standard error over the sample's paired blocks. "
+              "Decoders only.",
               "", "![accuracy vs forgetting](accuracy_vs_forgetting.png)" if any(
                   a.get("forgetting") is not None for a in aggs) else ""]
     if rec is not None:
