@@ -184,7 +184,7 @@ def test_chat_trains_evaluates_predicts(tiny_models, tmp_path):
     assert len(out) == 2 and all(isinstance(o["text"], str) for o in out)
 
 
-@pytest.mark.slow  # two CLI trainings + export --verify (150-210 s each on a busy shared machine)
+@pytest.mark.slow  # CLI train + export --verify: ~18 s each on a quiet 2-core machine
 @pytest.mark.parametrize("fmt", ["messages", "sharegpt"])
 def test_chat_file_train_export_verify(tiny_models, tmp_path, fmt):
     import yaml
