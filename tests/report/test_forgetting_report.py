@@ -65,7 +65,7 @@ def test_seeds_combine_forgetting_and_no_forgetting_no_section(tmp_path):
     assert data["recommendation"] is None and "Untrained reference" not in (out2 / "report.md").read_text()
 
 
-@pytest.mark.slow  # ~27 s: one variant x two seeds and one reference, each a fresh process, each in a fresh process
+@pytest.mark.slow  # ~27 s: one variant x two seeds and one reference, each in a fresh process
 def test_compare_runs_reference_once(tiny_models, instr_dir, tmp_path):
     from peftkit.runs import compare as C
 
