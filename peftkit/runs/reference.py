@@ -25,8 +25,11 @@ def reference_run(runs: list, out: Path):
     d["model"]["quantization"] = "none"
     d["train"].update(max_steps=0, progress=False)
     d["output"].update(save_weights=False, report_to=[])
-    run = type(first)(DIR, first.seed, R.from_dict(d, "the untrained reference"), Path(out), first.requested_precision)
-    run.dir = Path(out) / DIR / "eval"
+    recipe, where = R.from_dict(d, "the untrained reference"), Path(out) / DIR / "eval"
+    if hasattr(first, "with_recipe"):  # a frozen peftkit.runs.spec.RunSpec (the executors' Job)
+        return first.with_recipe(recipe, where)
+    run = type(first)(DIR, first.seed, recipe, Path(out), first.requested_precision)
+    run.dir = where
     return run
 
 
