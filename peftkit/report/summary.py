@@ -11,6 +11,7 @@ from pathlib import Path
 
 from peftkit.errors import UserError
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
+from peftkit.report import forgetting as F
 from peftkit.training.rundir import WEIGHTS, check_weights
 from peftkit.report.table import BASELINE, markdown, plot, print_table
 
@@ -57,6 +58,7 @@ def _row(res: dict, variant: str, seed) -> dict:
         "metric_name": name, "metric": value,
         "device": (res.get("env") or {}).get("device"),
         "precision": res["run"].get("precision"),  # hardware.Precision.record(): requested, resolved, reason
+        **F.run_fields(res),  # forgetting (decoders): rise in LM loss on general text
     }
 
 
@@ -124,6 +126,7 @@ def aggregate(rows: list[dict], order: list[str]) -> list[dict]:
         agg["metric_std"] = statistics.stdev(ms) if len(ms) > 1 else None
         agg["measured_method"] = rs[0]["measured_method"]
         agg["device"] = rs[0]["device"]
+        F.aggregate(agg, rs)
         out.append(agg)
     base = next((a for a in out if a["strategy"] == BASELINE), None)
     for a in out:
@@ -140,20 +143,28 @@ def report(out: str | Path, echo=print) -> dict:
     rows, failed, order = collect(out)
     if not rows and not failed:
         raise UserError(f"{out}: no runs found (expected {out}/<variant>/seed<k>/result.json)")
+    ref = F.reference(out, primary)  # the untrained model (peftkit.runs.reference), when the comparison ran it
+    F.against_reference(rows, ref)
     aggs = aggregate(rows, order)
+    F.mark(aggs, ref)
+    rec = F.recommend(aggs)
     title = f"peftkit comparison: {out.name}"
     data = {"schema": SCHEMA, "title": title, "baseline": BASELINE if any(a["vs_full"] for a in aggs) else None,
-            "variants": aggs, "runs": rows, "failed": failed, "precision": precision_used(rows, _planned_precision(out))}
+            "variants": aggs, "runs": rows, "failed": failed, "precision": precision_used(rows, _planned_precision(out)),
+            "reference": ref, "recommendation": rec}
     atomic_write_json(out / "report.json", data)
     cpu = bool(aggs) and aggs[0]["measured_method"] != "cuda"
     mem_label = "peak memory (MiB, measured live peak)" if cpu else "peak memory (MiB, max allocated)"
     plot(aggs, "peak_bytes", mem_label, out / "accuracy_vs_memory.png", True, 2**20)
     plot(aggs, "tokens_per_s", "throughput (training tokens/s)", out / "accuracy_vs_speed.png", False)
-    atomic_write_text(out / "report.md", markdown(aggs, failed, title, data["precision"]))
+    F.plot(aggs, ref, out / "accuracy_vs_forgetting.png")
+    atomic_write_text(out / "report.md", markdown(aggs, failed, title, data["precision"]) + F.markdown(aggs, ref, rec))
     from peftkit.report.html import write as write_html  # report.html: same data, one self-contained page
 
     write_html(out, data)
     print_table(aggs, failed, title, echo)
+    for line in F.echo_lines(aggs, ref, rec):
+        echo(line)
     if (out / "search.json").exists():  # a search: grid, test CIs, recommendation (peftkit.report.search)
         from peftkit.report.search import render
 

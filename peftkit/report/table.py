@@ -114,7 +114,9 @@ def pareto(points: list[tuple[float, float]], lower_x_better: bool) -> list[int]
     return front
 
 
-def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bool, scale: float = 1.0) -> bool:
+def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bool, scale: float = 1.0,
+         xerr_key: str | None = None, ref: dict | None = None) -> bool:
+    """``xerr_key``: each point's x uncertainty; ``ref``: the untrained model's metric, drawn as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +131,7 @@ def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bo
     rank = {i: r for r, i in enumerate(sorted(range(len(xy)), key=lambda i: xy[i]))}
     for i, (a, (x, y)) in enumerate(zip(pts, xy)):
         on = i in front
-        ax.errorbar(x, y, yerr=a["metric_std"] or 0, fmt="o", ms=8 if on else 6, capsize=3,
+        ax.errorbar(x, y, yerr=a["metric_std"] or 0, xerr=(a.get(xerr_key) or 0) / scale if xerr_key else None, fmt="o", ms=8 if on else 6, capsize=3,
                     color="tab:red" if on else "tab:blue", zorder=3)
         # Neighbours along x get labels above/below in turn so close points stay readable.
         # A leader line ties each label to its own point when points crowd together.
@@ -141,6 +143,8 @@ def plot(aggs: list[dict], key: str, xlabel: str, path: Path, lower_x_better: bo
                 label="Pareto front")
     else:
         ax.plot([], [], "o", color="tab:red", label="Pareto front")
+    if ref is not None and ref.get("metric") is not None:
+        ax.axhline(ref["metric"], color="0.4", ls=":", lw=1.2, label="untrained model")
     metric = pts[0]["metric_name"]
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} (eval)")

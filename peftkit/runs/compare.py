@@ -215,6 +215,10 @@ def run(plan: ComparePlan, echo=print) -> int:
     record_runs(plan, list(plan.runs))
     outcomes = pool.run(plan.runs, echo=echo)
     record_runs(plan, list(plan.runs), outcomes)
+    from peftkit.runs.reference import run_reference
+
+    # the untrained model, evaluated once: the report's reference row (and forgetting baseline)
+    run_reference(list(plan.runs), plan.out, plan.executor.timeout_s, echo)
     echo(X.summary(outcomes, primary_metrics(outcomes)))
     from peftkit.report.summary import report
 

@@ -30,6 +30,7 @@ from peftkit.training.checkpoint import Checkpointer
 from peftkit.training.meters import Meters
 from peftkit.training.nonfinite import NonFiniteGuard
 from peftkit.training.state import Run, StepValues, read_values
+from peftkit.tasks import forgetting
 from peftkit.training.tracking import Tracking
 from peftkit.training import lock as run_lock
 
@@ -133,6 +134,8 @@ class Trainer:
             run.guard.skips, run.resumed_from = run.state.nonfinite_skips, resumed.step
             self.log(event="resumed", step=run.state.step, checkpoint=resumed.path.name)
         run.state.before_save = lambda: self._read(run)  # a checkpoint holds every step's loss
+        self.forgetting = forgetting.before(b.task, run.model, self.run_dir, resumed is not None, acc.autocast,
+                                            acc.is_main_process)
         run.model.train()
         return run
 
@@ -274,6 +277,7 @@ class Trainer:
             wall_s=wall_s, artifact=artifact, resumed_from=run.resumed_from, rung_of=run.total if run.rung else None,
             micro_batch=self.micro.as_dict() if self.micro else None))
         res["run"]["kernels"] = kernels.report(self.kernels)
+        res["forgetting"] = forgetting.after(self.forgetting, self.b.task, run.model, self.acc.autocast)
         if self.acc.is_main_process:
             result.write(self.run_dir, res, predictions)
             self.log.close()
