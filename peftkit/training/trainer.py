@@ -1,78 +1,38 @@
 """The one training loop, for every strategy and task, on accelerate.
 
 Same seed, same data order, same step budget and the same evaluation for every strategy:
-that is what makes the numbers of a comparison comparable. What the batches are lives in
-``batches``, what is measured in ``meters``, what result.json holds in ``result``: this file
-is only setup -> train -> finish over a ``Run``.
+that is what makes the numbers of a comparison comparable. This file is the recipe, as in
+torchtune: setup -> train -> finish over a typed ``Run``. What happens before the loop is in
+``setup``, the evaluation loop in ``evaluation``, what the batches are in ``batches``, what
+is measured in ``meters``, what result.json holds in ``result``.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from peftkit import hardware
-from peftkit.errors import UserError
-from peftkit.estimate.fit import resolve_micro_batch
 from peftkit.log import Progress, RunLog, warn
-from peftkit.model import backbone
 from peftkit.step import distributed as dist, kernels, offload
-from peftkit.step.optim import make_optimizer
-from peftkit.strategies import cast_frozen, count_params
-from peftkit.training import batches, result
-from peftkit.training.checkpoint import Checkpointer
-from peftkit.training.meters import Meters
-from peftkit.training.nonfinite import NonFiniteGuard
-from peftkit.training.state import Run, StepValues, read_values
 from peftkit.tasks import forgetting
-from peftkit.training.tracking import Tracking
+from peftkit.training import batches, evaluation, result, setup
 from peftkit.training import lock as run_lock
+from peftkit.training.checkpoint import Checkpointer
+from peftkit.training.state import Run, StepValues, read_values
 
 
 class Trainer:
     def __init__(self, built, run_dir: str | Path, resume: bool = False):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        self.b = built
-        self.model = built.model  # the unwrapped model (trained in place by fit)
-        self.run_dir = Path(run_dir)
+        self.b, self.run_dir = built, Path(run_dir)
         self.resume = resume  # continue from the run dir's latest intact checkpoint, if any
-        self.precision = hardware.for_run(built.recipe, warn)  # auto -> bf16/fp16/fp32 for this machine
-        self.tc = built.recipe.train.model_copy(update={"precision": self.precision.resolved})
-        # train.micro_batch_size: the global batch split into what fits this device (by the estimate)
-        self.micro = resolve_micro_batch(built.recipe, world=int(os.environ.get("WORLD_SIZE", "1")),
-                                         task=built.task, tokenizer=built.tokenizer)
-        if self.micro:
-            self.tc = self.tc.model_copy(update=self.micro.train_update())
-        self.track = Tracking(built.recipe, self.run_dir)  # experiment trackers (output.report_to)
-        self.acc = Accelerator(
-            **self.track.accelerator_kwargs(),
-            mixed_precision=self.precision.mixed_precision,
-            gradient_accumulation_plugin=dist.accumulation_plugin(self.tc.grad_accum),
-            cpu=not torch.cuda.is_available(),  # torchrun on CPU: gloo DDP only when accelerate is told
-            dataloader_config=dist.dataloader_config(),
-        )
-        self.acc.print(f"[peftkit] {self.precision.line()}; {backbone.attention_line(built.backbone_info)}")
-        if self.micro:
-            self.acc.print(f"[peftkit] {self.micro.line()}")
-        if self.tc.activation_offloading and self.acc.device.type != "cuda":
-            raise UserError(f"train.activation_offloading: needs a CUDA device (it moves saved activations from GPU "
-                            f"to host memory); this run trains on {self.acc.device.type}")
-        set_seed(self.tc.seed)
-        dist.check_batch_size(self.tc.batch_size, self.acc.num_processes)
-        if note := dist.requested_but_not_used(self.acc):
-            self.acc.print(f"[peftkit] note: {note}")
-        self.log = RunLog(None)
-        # Fused kernels / compiled blocks where they pay; padding-free where a varlen kernel runs it.
-        self.model, self.kernels = kernels.apply(self.model, built.recipe, self.acc.device)
-        self.tc = self.tc.model_copy(update={"padding_free": self.kernels["padding_free"]})
+        m = setup.machine(built, self.run_dir)  # prints the run's first lines (precision first)
+        self.precision, self.tc, self.micro, self.track, self.acc = m.precision, m.tc, m.micro, m.track, m.acc
+        self.model, self.kernels = m.model, m.kernels  # the unwrapped model (trained in place by fit)
+        self.log = RunLog(None)  # no file before the run dir is ours (fit's setup)
         self.plan = batches.Plan(built, self.tc, self.acc, order=self.train_batches)
 
     def train_batches(self, ds, epoch: int) -> list[list[int]]:
@@ -80,25 +40,8 @@ class Trainer:
         return batches.train_batches(ds, self.tc, epoch)
 
     def evaluate(self, model, ds) -> tuple[dict, dict]:
-        """(metrics, per-example predictions and references: for paired bootstraps)."""
-        shards, keep, loader = self.plan.evaluation(ds)
-        model.eval()
-        items, t0 = [], time.perf_counter()
-        with torch.no_grad(), self.acc.autocast():
-            for idx, k, batch in zip(shards, keep, loader):
-                p, r, loss = self.b.task.eval_outputs(model, batch)
-                if k:
-                    items += zip(idx, p, r, loss or [None] * len(p))
-        items = dist.gather_sorted(self.acc, items)  # every example once, in dataset order, any world size
-        dt = time.perf_counter() - t0
-        model.train()
-        preds, refs = [x[1] for x in items], [x[2] for x in items]
-        losses = [x[3] for x in items if x[3] is not None]
-        m = self.b.task.metrics(preds, refs)
-        if losses and "loss" not in m:
-            m["loss"] = sum(losses) / len(losses)
-        m.update(examples=len(refs), eval_s=dt, eval_samples_per_s=len(refs) / dt if dt else None)
-        return m, {"predictions": preds, "references": refs}
+        """(metrics, per-example predictions and references); a method so a test can wrap it."""
+        return evaluation.evaluate(self.b.task, self.plan, self.acc, model, ds)
 
     # -- the run ------------------------------------------------------------------------------
     @run_lock.released_after  # the run dir's lock, taken in _setup
@@ -111,7 +54,7 @@ class Trainer:
 
     def _setup(self) -> Run:
         """Data, the run directory (resume or not), the log, then model, optimizer and meters."""
-        b, tc, acc = self.b, self.tc, self.acc
+        b, acc = self.b, self.acc
         t_start = time.perf_counter()
         data = b.task.datasets()
         data_s = time.perf_counter() - t_start
@@ -125,9 +68,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.track.start(acc)
             self.log = RunLog(self.run_dir / "log.jsonl", self.track)
-        steps_per_epoch = math.ceil(math.ceil(len(data["train"]) / tc.batch_size) / tc.grad_accum)
-        total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(steps_per_epoch * tc.epochs))
-        run = self._prepare(data, total, ck)
+        total = setup.total_steps(len(data["train"]), self.tc)
+        run = setup.prepare(b, self.tc, acc, self.plan, self.model, data, total, ck, self.log)
         run.t_start, run.times = t_start, {"load_s": b.load_s, "data_s": data_s}
         if resumed is not None:  # after prepare: RNG, optimizer and scheduler as they were at that step
             ck.restore(run.state)
@@ -138,31 +80,6 @@ class Trainer:
                                             acc.is_main_process)
         run.model.train()
         return run
-
-    def _prepare(self, data: dict, total: int, ck: Checkpointer) -> Run:
-        """Model, optimizer and scheduler through accelerate; the meters' estimate before any step."""
-        b, tc, acc = self.b, self.tc, self.acc
-        frozen, cast = hardware.frozen_dtype(b.recipe), None
-        if frozen is not None and not dist.sharded(acc):  # FSDP/ZeRO flatten a unit in one dtype
-            cast = {"dtype": str(frozen).removeprefix("torch."), "bytes_saved": cast_frozen(self.model, frozen)}
-        params = count_params(self.model)  # before FSDP/ZeRO shard the parameters
-        opt = make_optimizer(self.model, tc)
-        from transformers import get_scheduler
-
-        sched = get_scheduler(tc.scheduler, opt, num_warmup_steps=int(tc.warmup_ratio * total), num_training_steps=total)
-        dist.prepare_deepspeed(acc, tc)
-        model, opt, sched = dist.prepare(acc, self.model, opt, sched)
-        if tc.compile:
-            model = torch.compile(model)
-        stop = tc.stop_step(total)
-        meters = Meters(b, tc, acc, self.plan, rung=stop < total)
-        meters.setup(model, data["train"], total)
-        acc.print(f"[peftkit] {b.strategy.name}: trainable {params[0]:,} / {params[1]:,} params "
-                  f"({100 * params[0] / params[1]:.2f}%)")
-        ck.attach(model, b.strategy, opt, sched, self.log)
-        guard = NonFiniteGuard(tc.nonfinite, tc.max_nonfinite_skips, acc.scaler, warn)
-        return Run(data=data, total=total, stop=stop, model=model, opt=opt, sched=sched, ck=ck, guard=guard,
-                   meters=meters, params=params, frozen_cast=cast, on_device=guard.on_device(opt))
 
     def _train(self, run: Run, bar) -> None:
         """Epochs of optimizer steps up to ``run.stop``. ``train_s``: all of it (every step, logs,
