@@ -198,7 +198,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def safe_load_unique(text: str):
     """``yaml.safe_load`` that refuses duplicate keys (RecipeError naming the key and both lines)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)
+    loader = _UniqueKeyLoader(text)  # what yaml.safe_load does, with the duplicate check
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict:

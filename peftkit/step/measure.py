@@ -96,6 +96,8 @@ class StepTimer:
         self.reduce = reduce  # sums a tensor over processes (None: one process)
         self.steps: list[Step] = []  # read steps, in order
         self.flops = 0.0  # model FLOPs of the steady steps (peftkit.step.flops), summed over ranks by the caller
+        # [FLOPs, Step] of the FLOP counter's own (excluded) step: FLOPs per token when no steady step ran
+        self.flops_step: list | None = None
         self._open: list[tuple] = []  # (Step, start, end, samples, tokens) not read yet
         self._summary: dict | None = None
         self._cuda = torch.cuda.is_available()
@@ -184,5 +186,12 @@ def _speed(timer: StepTimer) -> dict:
         "train_samples_per_s": samples / total if total and samples else None,
         "train_tokens_per_s": tokens / total if total and tokens else None,
         "model_flops_per_s": flops / total if total and flops else None,
-        "model_flops_per_token": flops / tokens if tokens and flops else None,
+        "model_flops_per_token": flops / tokens if tokens and flops else _counted_per_token(timer),
     }
+
+
+def _counted_per_token(timer: StepTimer) -> float | None:
+    """FLOPs per token from the counting step alone (a run too short for a steady step): a
+    property of the model and the batch shape, not a speed, so an excluded step may give it."""
+    f = timer.flops_step
+    return f[0] / f[1].tokens if f and f[0] and f[1].tokens else None

@@ -75,7 +75,9 @@ class Meters:
         self.timer.add_counts(self._samples, self._tokens)
         self._samples = self._tokens = 0
         if self.counter is not None and rec.kind != "steady":
-            self.counter.take()  # not in speed; its sync falls outside the steady steps
+            taken = self.counter.take()  # not in speed; its sync falls outside the steady steps
+            if rec.kind == "flops":
+                self.timer.flops_step = [taken, rec]
 
     def count(self, batch: dict) -> None:
         """Sequences and real tokens of one micro-batch of the current step (kept on the device)."""
@@ -106,6 +108,8 @@ class Meters:
         if self.counter is not None:
             self.counter.close()
             self.timer.flops = dist.reduce_sum(self.acc, [self.timer.flops])[0]
+            if self.timer.flops_step is not None:  # every process counted its own share
+                self.timer.flops_step[0] = dist.reduce_sum(self.acc, [self.timer.flops_step[0]])[0]
         rss = self.rss
         measured = {"method": "cuda" if torch.cuda.is_available() else "cpu_rss",
                     "rss_baseline_bytes": rss.baseline, "rss_peak_bytes": rss.peak,

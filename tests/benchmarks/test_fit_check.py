@@ -33,6 +33,7 @@ def _check(out):
     return r
 
 
+@pytest.mark.slow  # ~35 s: the whole dry-run grid in process; the planning and scoring have unit tests
 def test_fit_check_dry_run_in_process(tmp_path):
     import fit_check
 

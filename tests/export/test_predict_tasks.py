@@ -205,7 +205,8 @@ def test_cli_predict_json_lines(ner_run, sft_run, capsys, monkeypatch):
     assert cli.main(["predict", str(ner_run), "in Paris", "--max-new-tokens", "1"]) == 2
     assert "max_new_tokens applies to causal_lm and seq2seq" in capsys.readouterr().err
     for bad, msg in (("{nope", "--json-input: not JSON"), ('{"text": "x"}', "lacks column(s) review"),
-                     ('["a", "b"]', "takes a text or an object")):
+                     ('["a", "b"]', "turn 1: expected an object with 'role' and 'content'"),  # a list: a conversation
+                     ('3', "takes a text or an object")):
         assert cli.main(["predict", str(sft_run), bad, "--json-input"]) == 2
         assert msg in _error_line(capsys.readouterr().err)
 
