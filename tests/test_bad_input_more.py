@@ -147,10 +147,10 @@ def test_compare_says_it_retrains_a_truncated_result(tmp_path, capsys, rec):
 
     out, d = _fake_compare_dir(tmp_path)
     run = RunSpec("lora", 0, R.from_dict(rec[0]), d)
-    assert run.done() is False and run.done() is False
-    err = capsys.readouterr().err
-    assert err.count("unreadable") == 1 and f"{d / 'result.json'}: unreadable (JSONDecodeError" in err
-    assert "this run is trained again" in err
+    assert run.done() is False and run.done() is False  # looked at often: says nothing itself
+    assert capsys.readouterr().err == ""
+    # the plan says it, once: compare.prepare warns for each unreadable result with this text
+    assert run.unreadable_result() == f"{d / 'result.json'}: unreadable (JSONDecodeError: truncated or edited?)"
 
 
 def test_compare_out_is_a_file(capsys, tmp_path, rec):
@@ -176,3 +176,20 @@ def test_deepspeed_config_refused_before_launch(capsys, tmp_path, rec, stage):
     line = one_error_line(err)
     assert rc == 2 and f"--accelerate-config {cfg}: DeepSpeed ZeRO cannot run here: this machine has no CUDA GPU" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_compare_plan_says_once_that_it_retrains_a_truncated_result(tmp_path, capsys, rec):
+    import yaml
+
+    from peftkit.runs import compare
+
+    r, _ = rec
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(r))
+    f = tmp_path / "cmp.yaml"
+    f.write_text(yaml.safe_dump({"base": "base.yaml", "seeds": [0], "variants": [{"name": "lora", "set": {"strategy.name": "lora"}}]}))
+    out, d = _fake_compare_dir(tmp_path)
+    plan = compare.prepare(f, out)
+    assert [run.dir for run in plan.runs] == [d] and not plan.runs[0].done()
+    err = capsys.readouterr().err
+    assert err.count("unreadable") == 1 and f"{d / 'result.json'}: unreadable (JSONDecodeError" in err
+    assert "this run is trained again" in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +24,16 @@ class Built:
     load_s: float
 
 
-def build(recipe: Recipe, apply_strategy: bool = True) -> Built:
+def build(recipe: Recipe, apply_strategy: bool = True, shared: dict | None = None) -> Built:
+    """The recipe's parts, the model loaded and the strategy applied. ``shared``: a cache the caller
+    owns (``peftkit.runs.trial_batch``: several search trials in one process), so builds of the same
+    task and tokenizer share one Task and its splits are read and tokenized once."""
     t0 = time.perf_counter()
     # New heads and adapters are initialised from the recipe's seed: same start on every rank and run.
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)
-    tokenizer, task = _task(recipe)
+    tokenizer, task = _task(recipe, shared)
     loaded = backbone.load(hardware.pinned(recipe).model, task, tokenizer)  # compute_dtype auto resolved
     strategy = strategies.get(recipe.strategy)
     head = task.head(loaded.model)
@@ -39,29 +41,14 @@ def build(recipe: Recipe, apply_strategy: bool = True) -> Built:
     return Built(recipe, task, strategy, model, tokenizer, head, loaded.info, time.perf_counter() - t0)
 
 
-# While ``shared_data()`` is on (peftkit.runs.trial_batch: several search trials in one process), builds
-# of the same task and tokenizer share one Task, so its splits are read and tokenized once.
-_SHARED: dict | None = None
-
-
-@contextmanager
-def shared_data():
-    global _SHARED
-    _SHARED = {}
-    try:
-        yield
-    finally:
-        _SHARED = None
-
-
-def _task(recipe: Recipe):
+def _task(recipe: Recipe, shared: dict | None):
     m = recipe.model
     key = (m.name, m.revision, m.trust_remote_code, recipe.task.model_dump_json())
-    if _SHARED is not None and key in _SHARED:
-        return _SHARED[key]
+    if shared is not None and key in shared:
+        return shared[key]
     tokenizer = backbone.load_tokenizer(m)
     task = tasks.get(recipe.task, tokenizer)
-    if _SHARED is not None:
+    if shared is not None:
         task.keep_encoded = True
-        _SHARED[key] = tokenizer, task
+        shared[key] = tokenizer, task
     return tokenizer, task

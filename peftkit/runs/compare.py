@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError, field_validator
 from peftkit import hardware
 from peftkit import recipe as R
 from peftkit.config import Section
+from peftkit.log import warn
 from peftkit.errors import RecipeError, UserError
 from peftkit.io import atomic_write_json
 from peftkit.runs import executors as X
@@ -177,7 +178,10 @@ def prepare(path: str | Path, out: str | Path, overrides: list[str] | None = Non
     except UserError as e:
         raise RecipeError(f"{path}: {e}") from None
     flags = {**(executor or {}), **({"timeout_s": timeout} if timeout is not None else {})}
-    return ComparePlan(path, cr, out, tuple(_runs(path, cr, out, overrides)), X.resolve(cr.executor, flags))
+    runs = tuple(_runs(path, cr, out, overrides))
+    for why in filter(None, (r.unreadable_result() for r in runs)):
+        warn(f"{why}; this run is trained again")
+    return ComparePlan(path, cr, out, runs, X.resolve(cr.executor, flags))
 
 
 def plan(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> list[RunSpec]:

@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from peftkit.io import atomic_write_text
-from peftkit.log import warn
-
-_SAID_UNREADABLE: set[Path] = set()  # run dirs whose unreadable result.json was reported
 
 if TYPE_CHECKING:
     from peftkit.recipe import Recipe
@@ -106,14 +103,21 @@ class RunSpec(Job):
     def identity(self) -> dict:
         return {"variant": self.variant, "seed": self.seed, "recipe_hash": self.hash}
 
+    def unreadable_result(self) -> str | None:
+        """Why a result.json that exists cannot be read (truncated or edited), else None; the plan
+        says it once (``compare.prepare``), ``done()`` then counts the run as not done."""
+        try:
+            json.loads((self.dir / "result.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            return f"{self.dir / 'result.json'}: unreadable ({e.__class__.__name__}: truncated or edited?)"
+        return None
+
     def done(self) -> bool:
         try:
             res = json.loads((self.dir / "result.json").read_text())
-        except (OSError, ValueError) as e:
-            if not isinstance(e, FileNotFoundError) and self.dir not in _SAID_UNREADABLE:
-                _SAID_UNREADABLE.add(self.dir)  # said once, not at every look
-                warn(f"{self.dir / 'result.json'}: unreadable ({e.__class__.__name__}: truncated or edited?); "
-                     "this run is trained again")
+        except (OSError, ValueError):
             return False
         if res.get("run", {}).get("recipe_hash") != self.hash:
             return False

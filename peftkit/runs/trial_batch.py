@@ -3,7 +3,7 @@
 Why: a quickstart trial trains 15 steps (~4 s), but a fresh process spends ~13 s before its
 first step (imports, reading and tokenizing the data, loading the weights). Every trial of a
 rung trains on the same task (compare checks it), so one process per batch of trials imports
-once, tokenizes once (``build.shared_data``) and loads the weights from memory-mapped files
+once, tokenizes once (``build``'s ``shared`` cache) and loads the weights from memory-mapped files
 already read. Each trial is still ``peftkit train`` of its own run directory (``train_here``: the
 same run-dir checks, seeding from the recipe, files and exit codes as a fresh process), so it gives
 the same numbers as alone (``tests/runs/test_search_batch.py`` checks it after other strategies).
@@ -73,7 +73,7 @@ def read_manifest(path: Path) -> list[RunSpec]:
     return specs
 
 
-def train_here(spec: RunSpec) -> int:
+def train_here(spec: RunSpec, shared: dict | None = None) -> int:
     """``peftkit train --force`` of one run in this process (what ``api.train`` does: the run-dir rules,
     build, fit); exit code and one-line errors as that command's."""
     from peftkit.model.build import build
@@ -82,7 +82,7 @@ def train_here(spec: RunSpec) -> int:
 
     try:
         mode = check_run_dir(spec.dir, spec.hash, force=True)
-        res = Trainer(build(spec.recipe), spec.dir, resume=mode == "resume").fit()
+        res = Trainer(build(spec.recipe, shared=shared), spec.dir, resume=mode == "resume").fit()
     except UserError as e:
         print(f"peftkit: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -97,7 +97,7 @@ def train_here(spec: RunSpec) -> int:
     return 0
 
 
-def train_one(spec: RunSpec) -> int:
+def train_one(spec: RunSpec, shared: dict | None = None) -> int:
     """One trial, its log in its run dir; a failure gets its error.json (as a process of its own would)."""
     from peftkit.runs.executors import error_record
 
@@ -106,7 +106,7 @@ def train_one(spec: RunSpec) -> int:
         (spec.dir / stale).unlink(missing_ok=True)
     log, t0 = spec.dir / "train.log", time.perf_counter()
     with _output_to(log):
-        rc = train_here(spec)
+        rc = train_here(spec, shared)
     gc.collect()  # the trial's model and optimizer before the next one's
     if rc == 0 and (spec.dir / "result.json").exists():
         return 0
@@ -115,21 +115,19 @@ def train_one(spec: RunSpec) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peftkit.model import build
-
     argv = sys.argv[1:] if argv is None else argv
     quiet_libraries()
     trials = read_manifest(Path(argv[0]))
     failed = 0
-    with build.shared_data():
-        for i, spec in enumerate(trials):
-            t0 = time.perf_counter()
-            rc = train_one(spec)
-            what = "done" if rc == 0 else f"FAILED (exit {rc}; {spec.dir / 'error.json'})"
-            print(f"[trial {i + 1}/{len(trials)}] {spec.dir}: {what} in {time.perf_counter() - t0:.1f} s", flush=True)
-            if rc == 130:  # interrupted: the search resumes the rest
-                return 130
-            failed += rc != 0
+    shared: dict = {}  # the trials' tokenizer and tokenized splits, built once (model.build's cache)
+    for i, spec in enumerate(trials):
+        t0 = time.perf_counter()
+        rc = train_one(spec, shared)
+        what = "done" if rc == 0 else f"FAILED (exit {rc}; {spec.dir / 'error.json'})"
+        print(f"[trial {i + 1}/{len(trials)}] {spec.dir}: {what} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if rc == 130:  # interrupted: the search resumes the rest
+            return 130
+        failed += rc != 0
     return 1 if failed else 0
 
 

@@ -118,7 +118,7 @@ class Task:
         raw = self.raw_splits()
         self.truncated = 0
         enc = {split: self.encode_split(split, ds) for split, ds in raw.items()}
-        if self.keep_encoded:  # peftkit.model.build.shared_data: the next build of this task reuses them
+        if self.keep_encoded:  # peftkit.model.build(shared=...): the next build of this task reuses them
             self._encoded = enc
         return enc
 
