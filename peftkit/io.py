@@ -98,6 +98,11 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def sha256(data: bytes) -> str:
+    """The hex sha256 recorded beside every file peftkit writes and checks (weights, checkpoints)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_safetensors(path: str | Path, tensors: dict) -> str:
     """Write ``tensors``; returns the file's sha256 (hex), to be recorded beside it."""
     from safetensors.torch import save
@@ -105,7 +110,7 @@ def save_safetensors(path: str | Path, tensors: dict) -> str:
     # contiguous + own storage: safetensors refuses shared or strided tensors.
     data = save({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()})
     atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return sha256(data)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

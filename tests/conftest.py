@@ -258,3 +258,30 @@ def fit(rec, out):
     from peftkit.training.trainer import Trainer
 
     return Trainer(built(rec), out).fit()
+
+
+def inject_nonfinite(monkeypatch, bad: dict[int, str]):
+    """Make forward pass number n (one per step here) produce a NaN loss or NaN gradients."""
+    import peftkit.model.build as B
+
+    real = B.build
+
+    def build(recipe, *a, **k):
+        b = real(recipe, *a, **k)
+        n = [0]
+
+        def hook(module, args, out):
+            if not module.training:
+                return None
+            n[0] += 1
+            what = bad.get(n[0])
+            if what == "loss":
+                out["loss"] = out["loss"] * float("nan")
+            elif what == "grad":
+                out["loss"].register_hook(lambda g: g * float("inf"))
+            return out
+
+        b.model.register_forward_hook(hook)
+        return b
+
+    monkeypatch.setattr(B, "build", build)

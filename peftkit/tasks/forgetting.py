@@ -55,8 +55,10 @@ def read_texts(spec: str) -> list[str]:
         raise DataError(f"{where}: file not found")
     try:
         raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        from peftkit.tasks.data import bad_utf8  # line and column, as for every data file
+
+        raise DataError(f"task.forgetting.data: {bad_utf8(path)}") from None
     if path.suffix != ".jsonl":
         return [p.strip() for p in raw.split("\n\n") if p.strip()]
     texts = []

@@ -14,7 +14,6 @@ cut short) makes the loader fall back to the previous checkpoint with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import UserError
-from peftkit.io import atomic_dir, atomic_write_bytes, atomic_write_json, is_partial
+from peftkit.io import atomic_dir, atomic_write_bytes, atomic_write_json, is_partial, sha256
 from peftkit.log import warn
 from peftkit.training.signals import Interrupted, StopSignals
 from peftkit.training.signals import name as signal_name
@@ -38,10 +37,6 @@ _STEP = re.compile(r"^step-(\d{8,})$")
 
 
 # -- files ----------------------------------------------------------------------------------
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def step_dirs(root: Path) -> list[Path]:
     """Complete checkpoint directories (renamed into place), oldest first."""
     if not root.is_dir():
@@ -68,7 +63,7 @@ def verify(path: Path) -> str | None:
             data = (path / name).read_bytes()
         except OSError:
             return f"{name} missing"
-        if len(data) != info.get("bytes") or _sha256(data) != info.get("sha256"):
+        if len(data) != info.get("bytes") or sha256(data) != info.get("sha256"):
             return f"{name} fails its sha256 check"
     return None
 
@@ -90,7 +85,7 @@ def write(root: Path, step: int, recipe_hash: str, weights: dict, state: dict, k
             atomic_write_bytes(tmp / name, data)
         atomic_write_json(tmp / "manifest.json", {
             "schema": SCHEMA, "step": step, "recipe_hash": recipe_hash,
-            "files": {n: {"bytes": len(d), "sha256": _sha256(d)} for n, d in files.items()}})
+            "files": {n: {"bytes": len(d), "sha256": sha256(d)} for n, d in files.items()}})
     for old in step_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -33,6 +33,8 @@ class Finished:
     resumed_from: int | None = None
     micro_batch: dict | None = None  # train.micro_batch_size's choice (estimate.fit), or None
     rung_of: int | None = None  # a search rung: the steps of the whole budget (validation only)
+    kernels: dict | None = None  # step.kernels.report(): attention, fused kernels, compile
+    forgetting: dict | None = None  # tasks.forgetting.after(): LM loss on general text, or None
 
 
 def build(f: Finished) -> dict:
@@ -53,6 +55,7 @@ def build(f: Finished) -> dict:
             "seed": tc.seed,
             "recipe_hash": b.recipe.hash(),
             "micro_batch": f.micro_batch,
+            "kernels": f.kernels,
             "recipe": b.recipe.to_dict(),
             "precision": hardware.resolve(tc.precision).record(),  # cached: what the trainer resolved
             "frozen_weights": f.frozen_cast,  # {dtype, bytes_saved} when stored in the autocast dtype
@@ -70,6 +73,7 @@ def build(f: Finished) -> dict:
                   "steps": st.step, "epochs_started": st.epoch, "train_examples": f.train_examples,
                   "resumed_from_step": f.resumed_from},
         "metrics": metrics,
+        "forgetting": f.forgetting,
         "artifact": f.artifact,
         "env": provenance.environment(),
     }

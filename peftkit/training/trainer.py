@@ -192,9 +192,8 @@ class Trainer:
             built=self.b, acc=self.acc, params=run.params, frozen_cast=run.frozen_cast, state=run.state,
             train_examples=len(run.data["train"]), final=final, measured=run.meters.record(), times=run.times,
             wall_s=wall_s, artifact=artifact, resumed_from=run.resumed_from, rung_of=run.total if run.rung else None,
-            micro_batch=self.micro.as_dict() if self.micro else None))
-        res["run"]["kernels"] = kernels.report(self.kernels)
-        res["forgetting"] = forgetting.after(self.forgetting, self.b.task, run.model, self.acc.autocast)
+            micro_batch=self.micro.as_dict() if self.micro else None, kernels=kernels.report(self.kernels),
+            forgetting=forgetting.after(self.forgetting, self.b.task, run.model, self.acc.autocast)))
         if self.acc.is_main_process:
             result.write(self.run_dir, res, predictions)
             self.log.close()

@@ -73,3 +73,13 @@ def test_off_for_encoders_and_when_disabled(tiny_models, instr_dir, sentiment_di
     assert F.after(None, enc.task, enc.model) == {"skipped": "measured only for decoders (causal_lm)"}
     task, model = _task_and_model(tiny_models, instr_dir, enabled=False)
     assert F.after(F.before(task, model, "unused", False), task, model)["skipped"].startswith("off")
+
+
+def test_a_non_utf8_forgetting_file_is_named_by_line_and_column(tmp_path):
+    from peftkit.errors import DataError
+    from peftkit.tasks.forgetting import read_texts
+
+    f = tmp_path / "general.txt"
+    f.write_bytes(b"first paragraph\n\nsecond \xff one\n")
+    with pytest.raises(DataError, match=r"task.forgetting.data: .*general.txt: line 3, column 8 \(byte 24\)"):
+        read_texts(str(f))

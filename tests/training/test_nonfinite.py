@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_recipe
+from conftest import inject_nonfinite, tiny_recipe
 from peftkit.training import checkpoint
 from peftkit import cli
 from peftkit import recipe as R
@@ -28,33 +28,6 @@ def _no_progress_bars():
     transformers.utils.logging.enable_progress_bar()
 
 
-def inject(monkeypatch, bad: dict[int, str]):
-    """Make forward pass number n (one per step here) produce a NaN loss or NaN gradients."""
-    import peftkit.model.build as B
-
-    real = B.build
-
-    def build(recipe, *a, **k):
-        b = real(recipe, *a, **k)
-        n = [0]
-
-        def hook(module, args, out):
-            if not module.training:
-                return None
-            n[0] += 1
-            what = bad.get(n[0])
-            if what == "loss":
-                out["loss"] = out["loss"] * float("nan")
-            elif what == "grad":
-                out["loss"].register_hook(lambda g: g * float("inf"))
-            return out
-
-        b.model.register_forward_hook(hook)
-        return b
-
-    monkeypatch.setattr(B, "build", build)
-
-
 def train(capsys, tmp_path, tiny_models, sentiment_dir, **train):
     r = tiny_recipe(tiny_models["bert"], sentiment_dir, "lora", **{"max_steps": 6, "log_every": 1, **train})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
@@ -65,7 +38,7 @@ def train(capsys, tmp_path, tiny_models, sentiment_dir, **train):
 
 
 def test_skip_bounded(capsys, tmp_path, tiny_models, sentiment_dir, monkeypatch):
-    inject(monkeypatch, {2: "loss", 4: "grad"})
+    inject_nonfinite(monkeypatch, {2: "loss", 4: "grad"})
     rc, err, out = train(capsys, tmp_path, tiny_models, sentiment_dir, max_nonfinite_skips=2)
     assert rc == 0, err
     assert "step 2: non-finite loss nan; step skipped (1/2)" in err
@@ -85,7 +58,7 @@ def test_skip_bounded(capsys, tmp_path, tiny_models, sentiment_dir, monkeypatch)
 ])
 def test_stop_keeps_last_good_checkpoint(capsys, tmp_path, tiny_models, sentiment_dir, monkeypatch,
                                          policy, limit, match):
-    inject(monkeypatch, {3: "loss" if policy == "stop" else "grad", 4: "grad"})
+    inject_nonfinite(monkeypatch, {3: "loss" if policy == "stop" else "grad", 4: "grad"})
     rc, err, out = train(capsys, tmp_path, tiny_models, sentiment_dir, nonfinite=policy,
                          max_nonfinite_skips=limit, checkpoint_every=1)
     lines = [x for x in err.splitlines() if x.startswith("peftkit: error")]

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import fit, tiny_recipe
+from conftest import fit, inject_nonfinite, tiny_recipe
 from peftkit.step import measure
 from peftkit.training.nonfinite import NonFiniteGuard
 
@@ -43,38 +43,12 @@ def test_per_step_values_are_off_by_default(tiny_models, sentiment_dir, tmp_path
     assert not any("step_loss" in r for r in log) and [r["step"] for r in log if "loss" in r] == [2, 4]
 
 
-def _inject(monkeypatch, bad: dict[int, str]):
-    """Forward pass number n (one per step here) gives a NaN loss or NaN gradients."""
-    import peftkit.model.build as B
-
-    real = B.build
-
-    def build(recipe, *a, **k):
-        b = real(recipe, *a, **k)
-        n = [0]
-
-        def hook(module, args, out):
-            if not module.training:
-                return None
-            n[0] += 1
-            if bad.get(n[0]) == "loss":
-                out["loss"] = out["loss"] * float("nan")
-            elif bad.get(n[0]) == "grad":
-                out["loss"].register_hook(lambda g: g * float("inf"))
-            return out
-
-        b.model.register_forward_hook(hook)
-        return b
-
-    monkeypatch.setattr(B, "build", build)
-
-
 @pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw"])
 def test_a_planted_nan_step_is_skipped_as_on_the_host(tiny_models, sentiment_dir, tmp_path, monkeypatch, capsys,
                                                       optimizer):
     """Fused AdamW decides on the device and counts at the read (log_every=4: steps 2 and 5 are
     read at 4 and 8); plain AdamW decides on the host each step. Same skips, messages, lrs."""
-    _inject(monkeypatch, {2: "loss", 5: "grad"})
+    inject_nonfinite(monkeypatch, {2: "loss", 5: "grad"})
     rec = tiny_recipe(tiny_models["bert"], sentiment_dir, "lora", max_steps=8, log_every=4, optimizer=optimizer,
                       warmup_ratio=0.0, log_step_values=True, checkpoint_every=None)
     res = fit(rec, tmp_path / "run")
